@@ -1,0 +1,249 @@
+"""Top eigenpairs of kernels and operators, and the spectral cliffs among them.
+
+:func:`top_eigenpairs` takes a dense symmetric matrix or a matrix-free operator and returns
+the largest eigenvalues with their eigenvectors and residual norms ``||A v - lambda v||``, so
+a reader can see how converged a matrix-free answer is. Methods: dense ``eigh``; Lanczos
+(scipy's restarted ``eigsh``, or a fixed number of steps with full reorthogonalisation as
+in the paper); a block method (LOBPCG) that warm-starts from earlier eigenvectors, which
+is what tracking a spectrum over training checkpoints wants.
+
+:func:`find_cliffs` finds blocks of eigenvalues separated by sharp drops, which the paper
+picked by eye: a drop is a log-gap much larger than the typical log-gap of the spectrum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse.linalg as sla
+import torch
+from torch import Tensor
+
+EIGEN_METHODS = ("auto", "dense", "lanczos", "block")
+
+
+@dataclass
+class EigenResult:
+    """Top eigenpairs. ``values`` (k,) descending, ``vectors`` (n, k) orthonormal columns,
+    ``residuals`` (k,) = ``||A v_i - values_i v_i||``; ``n_matvecs`` for matrix-free runs."""
+
+    values: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    method: str
+    n_matvecs: int = 0
+
+    @property
+    def relative_residuals(self) -> Tensor:
+        """Residuals divided by the largest eigenvalue's magnitude."""
+        return self.residuals / self.values.abs().max().clamp_min(1e-300)
+
+
+def top_eigenpairs(
+    kernel_or_operator: Tensor | np.ndarray | sla.LinearOperator,
+    k: int,
+    *,
+    method: str = "auto",
+    tol: float | None = None,
+    v0: Tensor | np.ndarray | None = None,
+    max_steps: int | None = None,
+    seed: int = 0,
+) -> EigenResult:
+    """The k largest eigenvalues (descending) and eigenvectors of a symmetric kernel.
+
+    Args:
+        kernel_or_operator: ``(n, n)`` symmetric tensor / array, or a LinearOperator such as
+            :func:`entk_helpers.ntk_operator`.
+        k: how many eigenpairs, ``1 <= k <= n`` (``k < n`` for matrix-free methods).
+        method: ``"dense"`` (eigh), ``"lanczos"``, ``"block"`` (LOBPCG) or ``"auto"``: dense
+            for matrices; for operators Lanczos, or block when ``v0`` holds several vectors.
+        tol: convergence tolerance of the iterative methods (default: machine precision for
+            Lanczos, 1e-7 relative for block).
+        v0: warm start, ``(n,)`` or ``(n, j)`` (e.g. the previous checkpoint's eigenvectors).
+        max_steps: Lanczos: run exactly this many steps without restart (the paper's recipe:
+            50 steps for the top 25); block: at most this many iterations.
+        seed: for the random start vectors.
+
+    Returns:
+        :class:`EigenResult` (float64 tensors on the CPU for operators, on the input's device
+        for dense tensors).
+    """
+    if method not in EIGEN_METHODS:
+        raise ValueError(f"method={method!r}; choose one of {EIGEN_METHODS}")
+    is_matrix = isinstance(kernel_or_operator, (Tensor, np.ndarray))
+    n = kernel_or_operator.shape[0]
+    if kernel_or_operator.shape != (n, n):
+        raise ValueError(f"expected a square (n, n) kernel, got {tuple(kernel_or_operator.shape)}")
+    if not 1 <= k <= n:
+        raise ValueError(f"asked for k={k} eigenpairs of a {n} x {n} kernel; k must be 1..{n}")
+    if method == "auto":
+        if is_matrix:
+            method = "dense"
+        else:
+            method = "block" if v0 is not None and np.ndim(v0) == 2 else "lanczos"
+    if method == "dense":
+        if not is_matrix:
+            raise ValueError("method='dense' needs a matrix; for an operator use 'lanczos' or "
+                             "'block' (or operator.to_dense() when it is small)")
+        return _dense(torch.as_tensor(kernel_or_operator), k)
+    if not is_matrix and k >= n:
+        raise ValueError(f"matrix-free methods need k < n (k={k}, n={n}); use "
+                         "operator.to_dense() and method='dense' for a kernel this small")
+    operator = sla.aslinearoperator(
+        kernel_or_operator.detach().cpu().double().numpy()
+        if isinstance(kernel_or_operator, Tensor) else kernel_or_operator
+    )
+    rng = np.random.default_rng(seed)
+    start = None if v0 is None else np.asarray(torch.as_tensor(v0).detach().cpu().double())
+    if method == "lanczos":
+        if max_steps is not None:
+            values, vectors, residuals = _fixed_lanczos(operator, k, max_steps, start, rng)
+            return _result(values, vectors, residuals, "lanczos", operator)
+        if start is not None and start.ndim == 2:
+            start = start.sum(axis=1)
+        values, vectors = sla.eigsh(operator, k=k, which="LA", tol=tol or 0.0, v0=start,
+                                    ncv=min(n, max(2 * k + 1, 20)))
+    else:
+        values, vectors = _lobpcg(operator, k, start, tol, max_steps, rng)
+    order = np.argsort(values)[::-1]
+    values, vectors = values[order], vectors[:, order]
+    residuals = np.linalg.norm(operator.matmat(vectors) - vectors * values, axis=0)
+    return _result(values, vectors, residuals, method, operator)
+
+
+def _result(values, vectors, residuals, method: str, operator) -> EigenResult:
+    return EigenResult(
+        torch.as_tensor(np.ascontiguousarray(values)),
+        torch.as_tensor(np.ascontiguousarray(vectors)),
+        torch.as_tensor(np.ascontiguousarray(residuals)),
+        method,
+        getattr(operator, "n_matvecs", 0),
+    )
+
+
+def _dense(matrix: Tensor, k: int) -> EigenResult:
+    scale = matrix.abs().max().clamp_min(1e-300)
+    asym = (matrix - matrix.T).abs().max() / scale
+    tolerance = 1e-4 if matrix.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+    if asym > tolerance:
+        raise ValueError(f"the kernel is not symmetric (max |K - K^T| / max |K| = {asym:.1e}); "
+                         "an eNTK of one input set with itself always is: check the inputs")
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    residuals = torch.linalg.vector_norm(matrix @ vectors - vectors * values, dim=0)
+    return EigenResult(values, vectors, residuals, "dense")
+
+
+def _fixed_lanczos(
+    operator: sla.LinearOperator, k: int, steps: int, start: np.ndarray | None,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``steps`` Lanczos steps with full reorthogonalisation; Ritz pairs and residual norms.
+
+    The residual of a Ritz pair (theta, V s) is exactly ``|beta_m * s_m|`` in exact
+    arithmetic; full reorthogonalisation keeps it close in floating point.
+    """
+    n = operator.shape[0]
+    steps = min(max(steps, k), n)
+    v = rng.standard_normal(n) if start is None else (
+        start.sum(axis=1) if start.ndim == 2 else start.copy())
+    basis = np.zeros((n, steps))
+    alpha, beta = np.zeros(steps), np.zeros(steps)
+    basis[:, 0] = v / np.linalg.norm(v)
+    m = steps
+    for j in range(steps):
+        w = operator.matvec(basis[:, j])
+        alpha[j] = basis[:, j] @ w
+        w -= basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
+        w -= basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
+        beta[j] = np.linalg.norm(w)
+        if j + 1 == steps:
+            break
+        if beta[j] < 1e-12 * max(1.0, abs(alpha[: j + 1]).max()):
+            m = j + 1  # invariant subspace found: the Ritz pairs are exact
+            break
+        basis[:, j + 1] = w / beta[j]
+    if m < k:
+        raise ValueError(f"the Krylov space stopped at dimension {m} < k={k}: the kernel has "
+                         "rank below k from this start vector; ask for fewer eigenpairs")
+    tri = np.diag(alpha[:m]) + np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
+    theta, s = np.linalg.eigh(tri)
+    order = np.argsort(theta)[::-1][:k]
+    residuals = np.abs(beta[m - 1] * s[m - 1, order])
+    return theta[order], basis[:, :m] @ s[:, order], residuals
+
+
+def _lobpcg(
+    operator: sla.LinearOperator, k: int, start: np.ndarray | None, tol: float | None,
+    max_steps: int | None, rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    n = operator.shape[0]
+    block = min(n - 1, k + max(2, k // 4))  # a few guard vectors speed convergence
+    x0 = rng.standard_normal((n, block))
+    if start is not None:
+        start = start.reshape(n, -1)[:, :block]
+        x0[:, : start.shape[1]] = start
+    values, vectors = sla.lobpcg(operator, x0, largest=True, tol=tol or 1e-7,
+                                 maxiter=max_steps or 200)
+    order = np.argsort(values)[::-1][:k]
+    return values[order], vectors[:, order]
+
+
+@dataclass(frozen=True)
+class Cliff:
+    """Eigenvalues ``start .. stop-1`` form a block; ``drop`` = lambda[stop-1] / lambda[stop]."""
+
+    start: int
+    stop: int
+    drop: float
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def indices(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def find_cliffs(
+    eigenvalues: Tensor | np.ndarray,
+    *,
+    min_drop: float = 1.5,
+    relative_drop: float = 5.0,
+    max_index: int | None = None,
+    floor: float = 1e-8,
+) -> list[Cliff]:
+    """Blocks of eigenvalues that each end in a sharp drop, from the top down.
+
+    A gap ``lambda_i / lambda_{i+1}`` is a drop when it is at least ``min_drop`` and at least
+    ``relative_drop`` times the typical (median) gap among the top ``max_index`` eigenvalues,
+    on a log scale. Eigenvalues below ``floor * lambda_0`` count as numerically zero and are
+    ignored. The blocks between consecutive drops are returned; what follows the last drop
+    (a smooth tail) is not a cliff.
+
+    Args:
+        eigenvalues: (n,) in descending order.
+
+    Returns:
+        ``[Cliff(start, stop, drop), ...]`` in order. A top mode on its own is a cliff of size 1.
+    """
+    lam = np.asarray(torch.as_tensor(eigenvalues).detach().cpu().double())
+    if lam.ndim != 1 or lam.size < 3:
+        raise ValueError("find_cliffs needs a 1-D array of at least 3 eigenvalues")
+    if np.any(np.diff(lam) > 1e-9 * abs(lam[0])):
+        raise ValueError("eigenvalues must be sorted in descending order")
+    keep = lam > floor * lam[0]
+    lam = lam[: int(np.argmin(keep)) if not keep.all() else lam.size][:max_index]
+    if lam.size < 3:
+        return []
+    log_gaps = np.log(lam[:-1] / lam[1:])
+    typical = np.median(log_gaps)
+    threshold = max(np.log(min_drop), relative_drop * typical)
+    drops = np.flatnonzero(log_gaps >= threshold)
+    cliffs, start = [], 0
+    for i in drops:
+        cliffs.append(Cliff(start, int(i) + 1, float(np.exp(log_gaps[i]))))
+        start = int(i) + 1
+    return cliffs

@@ -1,0 +1,286 @@
+"""Modular addition: the data, the paper's two models, and their training loops.
+
+The task is ``(a, b) -> (a + b) mod p`` over all p*p pairs, inputs in row-major order
+(row ``a * p + b``), the order :func:`entk_helpers.fourier_family` uses. Two models, as in
+the paper (after Gromov 2023 and Nanda et al. 2023):
+
+- :class:`ModularMLP`: one-hot(a) ++ one-hot(b) -> Linear(2p, width)/sqrt(2p) -> x^2 ->
+  Linear(width, p)/width, weights N(0, 1), no biases.
+- :class:`OneLayerTransformer`: tokens (a, b, "="), learned token and position embeddings,
+  one causal attention layer and one ReLU MLP, no LayerNorm, no biases; its tensors are
+  ``nn.Linear`` / ``nn.Embedding`` modules named as in the paper (W_E, W_pos, W_Q, W_K, W_V,
+  W_O, W_in, W_out, W_U) so the structured eNTK applies to every one of them.
+
+:func:`train` runs either (full batch or mini-batch AdamW), records accuracy and loss each
+epoch, keeps parameter snapshots every few epochs for eNTKs over training, and can
+checkpoint to disk and resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def modular_addition_data(p: int) -> tuple[Tensor, Tensor]:
+    """All p*p pairs. Returns ``pairs`` (p*p, 2) long, ``labels`` (p*p,) = (a + b) mod p."""
+    if p < 3:
+        raise ValueError(f"p={p}: use a modulus of at least 3 (the paper uses the prime 29)")
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    pairs = torch.stack([a.reshape(-1), b.reshape(-1)], dim=1)
+    return pairs, (pairs[:, 0] + pairs[:, 1]) % p
+
+
+def train_test_split(n: int, train_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded random split of ``range(n)``: (train indices, test indices), each sorted."""
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction={train_fraction} must be strictly between 0 and 1")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_train = int(round(train_fraction * n))
+    return perm[:n_train].sort().values, perm[n_train:].sort().values
+
+
+def with_equals_token(pairs: Tensor, p: int) -> Tensor:
+    """Transformer inputs ``(N, 3)``: a, b, and the "=" token (index p)."""
+    return torch.cat([pairs, torch.full((pairs.shape[0], 1), p, dtype=pairs.dtype)], dim=1)
+
+
+class ModularMLP(nn.Module):
+    """The paper's MLP. ``forward(pairs (N, 2) long) -> logits (N, p)``."""
+
+    def __init__(self, p: int, width: int = 512) -> None:
+        super().__init__()
+        self.p = p
+        self.layer1 = nn.Linear(2 * p, width, bias=False)
+        self.layer2 = nn.Linear(width, p, bias=False)
+        for layer in (self.layer1, self.layer2):
+            nn.init.normal_(layer.weight, mean=0.0, std=1.0)
+
+    def forward(self, pairs: Tensor) -> Tensor:
+        one_hot = torch.cat([F.one_hot(pairs[:, 0], self.p), F.one_hot(pairs[:, 1], self.p)],
+                            dim=1).to(self.layer1.weight.dtype)
+        hidden = self.layer1(one_hot) / math.sqrt(2 * self.p)
+        return self.layer2(hidden**2) / self.layer2.in_features
+
+    def hidden(self, pairs: Tensor) -> Tensor:
+        """The post-activation hidden layer ``(N, width)`` (for PCA baselines)."""
+        one_hot = torch.cat([F.one_hot(pairs[:, 0], self.p), F.one_hot(pairs[:, 1], self.p)],
+                            dim=1).to(self.layer1.weight.dtype)
+        return (self.layer1(one_hot) / math.sqrt(2 * self.p)) ** 2
+
+
+class OneLayerTransformer(nn.Module):
+    """The paper's one-layer transformer (no LayerNorm, no biases, ReLU MLP, causal).
+
+    ``forward(tokens (N, T) long) -> logits (N, T, vocab)``; ``p`` and "=" make vocab p + 1.
+    Initialisation N(0, 1/d) for a matrix with input dimension d.
+    """
+
+    def __init__(self, p: int, d_model: int = 64, n_heads: int = 4, d_mlp: int = 256,
+                 n_ctx: int = 3) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        vocab = p + 1
+        self.p, self.n_heads, self.d_head = p, n_heads, d_model // n_heads
+        self.W_E = nn.Embedding(vocab, d_model)
+        self.W_pos = nn.Embedding(n_ctx, d_model)
+        self.W_Q = nn.Linear(d_model, d_model, bias=False)
+        self.W_K = nn.Linear(d_model, d_model, bias=False)
+        self.W_V = nn.Linear(d_model, d_model, bias=False)
+        self.W_O = nn.Linear(d_model, d_model, bias=False)
+        self.W_in = nn.Linear(d_model, d_mlp, bias=False)
+        self.W_out = nn.Linear(d_mlp, d_model, bias=False)
+        self.W_U = nn.Linear(d_model, vocab, bias=False)
+        for emb in (self.W_E, self.W_pos):
+            nn.init.normal_(emb.weight, std=1 / math.sqrt(d_model))
+        for lin in (self.W_Q, self.W_K, self.W_V, self.W_O, self.W_in, self.W_out, self.W_U):
+            nn.init.normal_(lin.weight, std=1 / math.sqrt(lin.in_features))
+
+    def residual(self, tokens: Tensor) -> dict[str, Tensor]:
+        """Activations: ``embed``, ``attn_out``, ``mid`` (N, T, d_model), ``mlp_hidden``
+        (N, T, d_mlp), ``resid_final`` (N, T, d_model)."""
+        n, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device).expand(n, t)
+        embed = self.W_E(tokens) + self.W_pos(positions)
+
+        def heads(x: Tensor) -> Tensor:
+            return x.view(n, t, self.n_heads, self.d_head).transpose(1, 2)
+
+        q, k, v = heads(self.W_Q(embed)), heads(self.W_K(embed)), heads(self.W_V(embed))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
+        pattern = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
+        attn_out = self.W_O((pattern @ v).transpose(1, 2).reshape(n, t, -1))
+        mid = embed + attn_out
+        mlp_hidden = F.relu(self.W_in(mid))
+        return {"embed": embed, "attn_out": attn_out, "mid": mid, "mlp_hidden": mlp_hidden,
+                "resid_final": mid + self.W_out(mlp_hidden)}
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.W_U(self.residual(tokens)["resid_final"])
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`train` produced.
+
+    ``history``: per-epoch arrays ``epoch``, ``train_acc``, ``test_acc``, ``train_loss``,
+    ``test_loss``. ``snapshots``: ``{epoch: state_dict}`` every ``snapshot_every`` epochs
+    (epoch 0 = initialisation).
+    """
+
+    history: dict[str, np.ndarray]
+    snapshots: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+    def first_epoch(self, metric: str, threshold: float) -> int | None:
+        """First epoch at which ``history[metric] >= threshold`` (None if never)."""
+        hits = np.flatnonzero(self.history[metric] >= threshold)
+        return int(self.history["epoch"][hits[0]]) if hits.size else None
+
+
+def _loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
+    if kind == "mse":
+        return F.mse_loss(logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype))
+    return F.cross_entropy(logits, labels)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train(
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    train_idx: Tensor,
+    test_idx: Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    loss: str = "mse",
+    batch_size: int | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    logits_at: int | None = None,
+    n_classes: int | None = None,
+    snapshot_every: int = 10,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> TrainingRun:
+    """Train with AdamW; full batch when ``batch_size`` is None, else shuffled mini-batches.
+
+    Args:
+        inputs: ``(N, ...)`` all examples; ``labels`` ``(N,)``; the index tensors pick splits.
+        loss: ``"mse"`` against one-hot targets or ``"cross_entropy"``.
+        logits_at: for sequence outputs ``(N, T, V)``, the position read (e.g. -1).
+        n_classes: keep only the first ``n_classes`` logits for loss and accuracy.
+        snapshot_every: keep a copy of the parameters every this many epochs (and at 0).
+        checkpoint: a file to save the run to every ``snapshot_every`` epochs (atomically) and
+            to resume from if it exists; long runs then survive an interruption.
+
+    Returns:
+        :class:`TrainingRun`.
+    """
+    if loss not in ("mse", "cross_entropy"):
+        raise ValueError(f"loss={loss!r}; use 'mse' or 'cross_entropy'")
+    device = next(model.parameters()).device
+    inputs, labels = inputs.to(device), labels.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                                  betas=betas)
+    generator = torch.Generator().manual_seed(seed)
+    keys = ("epoch", "train_acc", "test_acc", "train_loss", "test_loss")
+    history: dict[str, list[float]] = {k: [] for k in keys}
+    snapshots: dict[int, dict[str, Tensor]] = {}
+    start = 0
+    path = Path(checkpoint) if checkpoint else None
+    if path and path.exists():
+        state = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history, snapshots, start = state["history"], state["snapshots"], state["epoch"]
+
+    def logits_of(x: Tensor) -> Tensor:
+        out = model(x)
+        out = out[:, logits_at] if logits_at is not None else out
+        return out[:, :n_classes] if n_classes is not None else out
+
+    def record(epoch: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            logits = logits_of(inputs)
+        model.train()
+        history["epoch"].append(epoch)
+        for split, idx in (("train", train_idx), ("test", test_idx)):
+            history[f"{split}_acc"].append(
+                float((logits[idx].argmax(-1) == labels[idx]).float().mean()))
+            history[f"{split}_loss"].append(float(_loss(logits[idx], labels[idx], loss)))
+        if epoch % snapshot_every == 0:
+            snapshots[epoch] = copy.deepcopy({k: v.detach().cpu()
+                                              for k, v in model.state_dict().items()})
+
+    if start == 0:
+        record(0)
+    model.train()
+    bar = tqdm(range(start + 1, epochs + 1), desc="training", disable=not progress,
+               initial=start, total=epochs)
+    for epoch in bar:
+        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        for batch in order.split(batch_size or len(order)):
+            optimizer.zero_grad(set_to_none=True)
+            _loss(logits_of(inputs[batch]), labels[batch], loss).backward()
+            optimizer.step()
+        record(epoch)
+        if epoch % max(1, epochs // 50) == 0:
+            bar.set_postfix(train=f"{history['train_acc'][-1]:.2f}",
+                            test=f"{history['test_acc'][-1]:.2f}")
+        if path and epoch % snapshot_every == 0:
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "generator": generator.get_state(), "history": history,
+                          "snapshots": snapshots, "epoch": epoch}, path)
+    model.eval()
+    return TrainingRun({k: np.asarray(v) for k, v in history.items()}, snapshots)
+
+
+def save_trained(path: str | Path, model: nn.Module, **info: object) -> Path:
+    """Save a trained model's parameters with a description (``p``, ``seed``, ...), atomically.
+
+    Notebooks save their final models under ``results/<name>/`` so later notebooks can reuse
+    them; :func:`load_trained` only accepts a file whose description matches.
+    """
+    path = Path(path)
+    _atomic_save({"state_dict": model.state_dict(), "info": info}, path)
+    return path
+
+
+def load_trained(path: str | Path, model: nn.Module, **expected: object) -> bool:
+    """Load parameters saved by :func:`save_trained` into ``model`` if the file exists and
+    its description has every ``expected`` key equal; return whether it did."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    saved = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
+    if any(saved["info"].get(k) != v for k, v in expected.items()):
+        return False
+    model.load_state_dict(saved["state_dict"])
+    return True

@@ -1,0 +1,176 @@
+"""The eNTK as a matrix-free linear operator, for kernels too large to form.
+
+``K v = J (J^T v)``: one vector-Jacobian product (backward pass) followed by one
+Jacobian-vector product (forward-mode pass), over all examples in chunks. Memory is that of a
+few parameter-sized vectors and one chunk's activations, never (N*C)^2. The operator is a
+``scipy.sparse.linalg.LinearOperator`` (float64 in and out, the model's dtype inside), so it
+plugs into :func:`entk_helpers.top_eigenpairs`, ``scipy.sparse.linalg.eigsh`` or ``lobpcg``.
+
+Limits: forward-mode AD must work through the model (PyTorch's flash / memory-efficient
+attention kernels do not support it: load transformers models with
+``attn_implementation="eager"``), and the operator vmaps over the vectors of a block, so the
+model's ops need vmap batching rules (most do).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
+
+from ._model import (
+    ModelOutputs,
+    OutputSelector,
+    ParamSpec,
+    check_output_mode,
+    chunks,
+    select_parameters,
+    validate_outputs,
+)
+from .budget import check_budget, get_memory_budget
+
+
+class NTKOperator(LinearOperator):
+    """Matrix-free eNTK of ``select(model(x))`` over ``inputs``; build it with :func:`ntk_operator`.
+
+    Shape ``(N*C, N*C)`` for ``output="full"`` (index ``n*C + c``), ``(N, N)`` for
+    ``"trace"`` and ``"mean_logit"``. ``matmat_torch`` works on tensors directly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        *,
+        output: str = "full",
+        select: OutputSelector | None = None,
+        params: ParamSpec = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        check_output_mode(output)
+        self.output = output
+        self.inputs = inputs
+        self.fn = ModelOutputs(model, select_parameters(model, params), select,
+                               mean_logit=(output == "mean_logit"))
+        self.values = self.fn.detached()
+        self.chunk_size = chunk_size or min(inputs.shape[0], 1024)
+        with torch.no_grad():
+            first = self.fn(self.values, inputs[: self.chunk_size])
+            for part in chunks(inputs.shape[0], self.chunk_size)[1:]:
+                validate_outputs(self.fn(self.values, inputs[part]), part.stop - part.start)
+        self.n_examples = inputs.shape[0]
+        self.n_outputs = first.shape[1]
+        self.n_params = sum(v.numel() for v in self.values.values())
+        self.n_matvecs = 0
+        size = self.n_examples * (self.n_outputs if output == "full" else 1)
+        super().__init__(dtype=np.float64, shape=(size, size))
+
+    @property
+    def _param_dtype(self) -> torch.dtype:
+        return next(iter(self.values.values())).dtype
+
+    @property
+    def _device(self) -> torch.device:
+        return next(iter(self.values.values())).device
+
+    def _column_batch(self) -> int:
+        """Vectors per vmapped pass so that their parameter-space images fit the budget."""
+        per_column = 3 * self.n_params * torch.finfo(self._param_dtype).bits // 8
+        return int(max(1, min(64, get_memory_budget(self._device) // (4 * per_column))))
+
+    def _full_matmat(self, cotangents: Tensor) -> Tensor:
+        """``(N, C, k) -> (N, C, k)``: the full kernel applied to k output-space vectors."""
+        k = cotangents.shape[-1]
+        check_budget(k * self.n_params * self.values[next(iter(self.values))].element_size(),
+                     f"{k} parameter-space vectors", "Apply the operator to fewer vectors "
+                     "at a time.", self._device)
+        tangents = {name: torch.zeros(k, *v.shape, dtype=v.dtype, device=v.device)
+                    for name, v in self.values.items()}
+        for part in chunks(self.n_examples, self.chunk_size):
+            x = self.inputs[part]
+            _, pullback = vjp(lambda values, x=x: self.fn(values, x, check=False), self.values)
+            (grads,) = vmap(pullback)(cotangents[part].permute(2, 0, 1).contiguous())
+            for name in tangents:
+                tangents[name] += grads[name]
+        result = torch.empty_like(cotangents)
+        for part in chunks(self.n_examples, self.chunk_size):
+            x = self.inputs[part]
+
+            def push(tangent: dict[str, Tensor], x: Tensor = x) -> Tensor:
+                return jvp(lambda values: self.fn(values, x, check=False),
+                           (self.values,), (tangent,))[1]
+
+            try:
+                pushed = vmap(push)(tangents)  # (k, B, C)
+            except (RuntimeError, NotImplementedError) as err:
+                raise RuntimeError(
+                    "forward-mode AD (jvp) failed inside the model. For transformers models "
+                    "load them with attn_implementation='eager'; custom autograd Functions need "
+                    f"a jvp rule. Original error: {err}"
+                ) from err
+            result[part] = pushed.permute(1, 2, 0)
+        self.n_matvecs += k
+        return result
+
+    def matmat_torch(self, vectors: Tensor) -> Tensor:
+        """``(dim, k) -> (dim, k)``: K applied to k vectors (tensors, the model's dtype)."""
+        vectors = vectors.to(self._param_dtype).to(self._device)
+        n, c = self.n_examples, self.n_outputs
+        out = []
+        for cols in chunks(vectors.shape[1], self._column_batch()):
+            block = vectors[:, cols]
+            k = block.shape[1]
+            if self.output == "trace":
+                # column j, output c: cotangent v_j placed on output c only
+                eye = torch.eye(c, dtype=block.dtype, device=block.device)
+                cot = torch.einsum("nj,cd->ncjd", block, eye).reshape(n, c, k * c)
+                res = self._full_matmat(cot).reshape(n, c, k, c)
+                out.append(torch.einsum("ncjc->nj", res) / c)
+            else:
+                res = self._full_matmat(block.reshape(n, c, k))
+                out.append(res.reshape(n * c, k))
+        return torch.cat(out, dim=1)
+
+    def _matmat(self, x: np.ndarray) -> np.ndarray:
+        tensor = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        return self.matmat_torch(tensor).detach().cpu().double().numpy()
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matmat(np.asarray(x).reshape(-1, 1)).reshape(-1)
+
+    def _adjoint(self) -> NTKOperator:
+        return self  # symmetric
+
+    def to_dense(self) -> Tensor:
+        """The whole kernel (dim, dim) by applying the operator to the identity (small cases)."""
+        dim = self.shape[0]
+        check_budget(dim * dim * 8, f"the dense ({dim}, {dim}) kernel",
+                     "Keep the operator matrix-free and use top_eigenpairs.", self._device)
+        eye = torch.eye(dim, dtype=self._param_dtype, device=self._device)
+        return self.matmat_torch(eye)
+
+
+def ntk_operator(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    output: str = "full",
+    select: OutputSelector | None = None,
+    params: ParamSpec = None,
+    chunk_size: int | None = None,
+) -> NTKOperator:
+    """The eNTK over ``inputs`` as a matrix-free, symmetric ``LinearOperator``.
+
+    Args: as :func:`entk_helpers.empirical_ntk` (``output="full"`` by default: the operator
+    is for kernels too large to form). Each product costs one backward and one forward-mode
+    pass over all N examples per block of vectors (``output="trace"`` multiplies the block
+    by C).
+
+    Example:
+        >>> op = ntk_operator(model, x, select=lambda out: out[:, -1])
+        >>> top = top_eigenpairs(op, k=25)
+    """
+    return NTKOperator(model, inputs, output=output, select=select, params=params,
+                       chunk_size=chunk_size)

@@ -1,0 +1,138 @@
+"""Where notebook runs put what they found: figures, JSON summaries, paper-vs-run tables.
+
+Every notebook writes under ``results/<name>/`` at the repository root (or under
+``$ENTK_RESULTS_DIR/<name>`` when that is set), so two runs can be compared file by file.
+Writes are atomic (temporary file, then rename): an interrupted run never leaves a
+half-written summary behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FULL_MODE_VARIABLE = "ENTK_FULL"
+
+
+def full_mode() -> bool:
+    """True when ``ENTK_FULL=1`` asks for the paper-scale run instead of the CI-sized one."""
+    return os.environ.get(FULL_MODE_VARIABLE, "0").strip().lower() in {"1", "true", "yes"}
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU; ``ENTK_DEVICE`` overrides (e.g. ``cpu``, ``cuda:1``)."""
+    chosen = os.environ.get("ENTK_DEVICE")
+    if chosen:
+        return torch.device(chosen)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def repo_root() -> Path:
+    """The folder holding ``pyproject.toml`` above this package (or the working directory)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists():
+            return folder
+    return Path.cwd()
+
+
+def results_dir(name: str) -> Path:
+    """``results/<name>/``, created if missing."""
+    base = Path(os.environ.get("ENTK_RESULTS_DIR", repo_root() / "results"))
+    folder = base / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors, arrays and numpy scalars as plain lists and numbers; NaN/inf as None."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return [to_jsonable(v) for v in value.tolist()] if value.ndim else to_jsonable(value.item())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_json(data: dict[str, Any], path: str | Path) -> Path:
+    """Write ``data`` as indented JSON, atomically; returns the path."""
+    path = Path(path)
+    _atomic_write_bytes(path, json.dumps(to_jsonable(data), indent=2).encode())
+    return path
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 90) -> Path:
+    """Save a matplotlib figure as PNG at a modest dpi, atomically; returns the path."""
+    path = Path(path).with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class PaperComparison:
+    """Rows of "quantity: paper's number vs this run's", with a note on any difference.
+
+    >>> cmp = PaperComparison("01_modular_mlp")
+    >>> cmp.add("final test accuracy", paper=1.0, this_run=0.998, note="")
+    """
+
+    notebook: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, quantity: str, *, paper: Any, this_run: Any, note: str = "") -> None:
+        self.rows.append(
+            {"quantity": quantity, "paper": paper, "this_run": this_run, "note": note}
+        )
+
+    def table(self) -> Any:
+        """A pandas DataFrame of the rows (for display in the notebook)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=["quantity", "paper", "this_run", "note"])
+
+    def save(self, path: str | Path, **extra: Any) -> Path:
+        """Write ``{"notebook", "mode", "paper_vs_run": rows, **extra}`` as JSON."""
+        payload = {
+            "notebook": self.notebook,
+            "mode": "full" if full_mode() else "default",
+            "paper_vs_run": self.rows,
+            **extra,
+        }
+        return save_json(payload, path)
