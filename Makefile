@@ -26,8 +26,10 @@ reproduce: setup
 	$(PY) scripts/run_notebooks.py
 
 ## test: lint, unit tests, and every notebook under nbval
+# notebooks/drafts/ holds notebooks not yet verified end to end (see its README); they are
+# not collected until they move up into notebooks/.
 test: setup lint
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+	$(PY) -m pytest tests notebooks --ignore=notebooks/drafts --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=1800 -p no:cacheprovider
 
 unit: setup

@@ -24,6 +24,8 @@ FAMILIES = ("a", "b", "sum", "diff", "axis_sum")
 
 
 def _as_tensor(x: Tensor | np.ndarray) -> Tensor:
+    if isinstance(x, np.ndarray):  # negative strides (x[:, ::-1]) cannot become tensors
+        x = np.ascontiguousarray(x)
     return torch.as_tensor(x).detach().cpu().double()
 
 

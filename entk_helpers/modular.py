@@ -67,16 +67,19 @@ class ModularMLP(nn.Module):
             nn.init.normal_(layer.weight, mean=0.0, std=1.0)
 
     def forward(self, pairs: Tensor) -> Tensor:
-        one_hot = torch.cat([F.one_hot(pairs[:, 0], self.p), F.one_hot(pairs[:, 1], self.p)],
-                            dim=1).to(self.layer1.weight.dtype)
-        hidden = self.layer1(one_hot) / math.sqrt(2 * self.p)
+        hidden = self.layer1(self._one_hot(pairs)) / math.sqrt(2 * self.p)
         return self.layer2(hidden**2) / self.layer2.in_features
 
     def hidden(self, pairs: Tensor) -> Tensor:
         """The post-activation hidden layer ``(N, width)`` (for PCA baselines)."""
-        one_hot = torch.cat([F.one_hot(pairs[:, 0], self.p), F.one_hot(pairs[:, 1], self.p)],
-                            dim=1).to(self.layer1.weight.dtype)
-        return (self.layer1(one_hot) / math.sqrt(2 * self.p)) ** 2
+        return (self.layer1(self._one_hot(pairs)) / math.sqrt(2 * self.p)) ** 2
+
+    def _one_hot(self, pairs: Tensor) -> Tensor:
+        """``(N, 2) -> (N, 2p)``, one-hot(a) ++ one-hot(b). A comparison rather than
+        ``F.one_hot``, which checks values with ``.item()`` and so fails under ``vmap``."""
+        classes = torch.arange(self.p, device=pairs.device)
+        return torch.cat([pairs[:, :1] == classes, pairs[:, 1:2] == classes],
+                         dim=1).to(self.layer1.weight.dtype)
 
 
 class OneLayerTransformer(nn.Module):

@@ -37,6 +37,7 @@ def execute_in_place(path: Path, timeout: int) -> float:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".ipynb")
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             nbformat.write(notebook, handle)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     return time.perf_counter() - start
 

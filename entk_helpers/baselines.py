@@ -1,0 +1,111 @@
+"""Baselines for eNTK directions: principal components, random directions, overlap curves.
+
+"Why not just PCA?" is the first question about the eNTK method. To answer it on equal terms,
+every method hands over the same thing: ``K`` directions over the ``N`` examples, as an
+``(N, K)`` matrix whose columns are ordered from most to least important (eNTK eigenvectors
+by eigenvalue, principal-component scores by variance, random directions in any order).
+
+- :func:`pca_directions`: the top-``k`` principal-component scores of an activation matrix.
+- :func:`random_directions`: ``k`` random orthonormal directions (the chance baseline).
+- :func:`overlap_curve`: for each ``k`` in a list, the subspace overlap
+  ``||Q_k^T F||_F^2`` of the first ``k`` directions with a feature family, computed for all
+  ``k`` at once from one QR factorisation (the first ``k`` columns of Q span the first ``k``
+  directions). It equals :func:`entk_helpers.subspace_overlap` applied to each prefix.
+
+Limits: the directions must be linearly independent up to the largest ``k`` asked for (PCA of
+a ``D``-dimensional activation has at most ``D`` non-trivial components).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .features import orthonormal_basis
+
+
+def _as_double(x: Tensor | np.ndarray) -> Tensor:
+    return torch.as_tensor(x).detach().cpu().double()
+
+
+def pca_directions(activations: Tensor | np.ndarray, k: int) -> Tensor:
+    """Scores of the examples on the top ``k`` principal components of their activations.
+
+    Args:
+        activations: ``(N, D)``; higher-rank inputs ``(N, ...)`` are flattened per example.
+        k: how many components, ``1 <= k <= min(N, D)``.
+
+    Returns:
+        ``(N, k)`` float64, column j = ``U[:, j] * S[j]`` of the SVD of the mean-centred
+        activations (so columns are orthogonal, ordered by explained variance; signs arbitrary).
+    """
+    x = _as_double(activations)
+    x = x.reshape(x.shape[0], -1)
+    n, d = x.shape
+    if not 1 <= k <= min(n, d):
+        raise ValueError(f"k={k} principal components of ({n}, {d}) activations: "
+                         f"k must be in 1..{min(n, d)}")
+    x = x - x.mean(dim=0, keepdim=True)
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    return u[:, :k] * s[:k]
+
+
+def random_directions(n: int, k: int, seed: int = 0) -> Tensor:
+    """``k`` random orthonormal directions in R^n (Haar-distributed subspace), seeded.
+
+    Returns:
+        ``(n, k)`` float64 with orthonormal columns.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} random directions in R^{n}: k must be in 1..{n}")
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(n, k, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r))  # sign fix makes the distribution exactly Haar
+
+
+def overlap_curve(
+    vectors: Tensor | np.ndarray,
+    family: Tensor | np.ndarray,
+    ks: Sequence[int],
+    *,
+    center_features: bool = True,
+    rtol: float = 1e-8,
+) -> np.ndarray:
+    """Subspace overlap of the first ``k`` directions with a feature family, for each ``k``.
+
+    Args:
+        vectors: ``(N, K)`` directions, most important first (eigenvectors, PC scores, ...).
+        family: ``(N, f)`` feature columns (mean-centred first when ``center_features``).
+        ks: prefix sizes, each in ``1..K``.
+        rtol: a direction whose component orthogonal to the earlier ones is below ``rtol``
+            times the largest column norm counts as dependent (an error).
+
+    Returns:
+        ``(len(ks),)`` float64: ``||Q_k^T F||_F^2`` in ``[0, min(k, f)]``, with ``Q_k`` an
+        orthonormal basis of the first ``k`` directions and ``F`` of the family.
+    """
+    v = _as_double(vectors)
+    if v.ndim != 2:
+        raise ValueError(f"vectors must be (N, K), got shape {tuple(v.shape)}")
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1 or max(ks) > v.shape[1]:
+        raise ValueError(f"every k must be in 1..{v.shape[1]} (the number of directions)")
+    f = orthonormal_basis(family, center=center_features)
+    if f.shape[0] != v.shape[0]:
+        raise ValueError(f"vectors have {v.shape[0]} rows but the family has {f.shape[0]}: "
+                         "both must be indexed by the same examples")
+    top = v[:, : max(ks)]
+    q, r = torch.linalg.qr(top)
+    diag = torch.diagonal(r).abs()
+    scale = torch.linalg.vector_norm(top, dim=0).max().clamp_min(1e-300)
+    dependent = torch.nonzero(diag <= rtol * scale).flatten()
+    if dependent.numel():
+        raise ValueError(f"direction {int(dependent[0])} is a combination of the earlier ones; "
+                         "ask for fewer directions (e.g. PCA of D-dim activations has <= D)")
+    per_direction = ((q.T @ f) ** 2).sum(dim=1)  # (max k,)
+    cumulative = torch.cumsum(per_direction, dim=0)
+    return cumulative[torch.tensor(ks) - 1].numpy()

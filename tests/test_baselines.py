@@ -1,0 +1,95 @@
+"""Baselines against independent references: numpy SVD, scikit-learn PCA, the overlap formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from entk_helpers import subspace_overlap
+from entk_helpers.baselines import overlap_curve, pca_directions, random_directions
+
+
+def _numpy_overlap(q: np.ndarray, f: np.ndarray) -> float:
+    """||Q^T F||_F^2 from numpy alone: orthonormal bases by SVD, F centred first."""
+    uq = np.linalg.svd(q, full_matrices=False)[0]
+    fc = f - f.mean(axis=0)
+    uf, sf, _ = np.linalg.svd(fc, full_matrices=False)
+    uf = uf[:, sf > 1e-8 * sf[0]]
+    return float(np.sum((uq.T @ uf) ** 2))
+
+
+def test_pca_directions_match_numpy_svd() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 12)) @ np.diag(np.linspace(3, 0.5, 12)) + 5.0
+    scores = pca_directions(torch.tensor(x), 4).numpy()
+    xc = x - x.mean(axis=0)
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)
+    # same columns up to sign; scores = projections of the centred data on the components
+    np.testing.assert_allclose(np.abs(scores), np.abs(u[:, :4] * s[:4]), atol=1e-10)
+    np.testing.assert_allclose(np.abs(scores), np.abs(xc @ vt[:4].T), atol=1e-10)
+    variances = (scores**2).sum(axis=0)
+    assert np.all(np.diff(variances) <= 0)
+
+
+def test_pca_directions_match_sklearn() -> None:
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 3, 5))  # higher-rank activations are flattened per example
+    ours = pca_directions(x, 6).numpy()
+    theirs = decomposition.PCA(n_components=6, svd_solver="full").fit_transform(x.reshape(40, -1))
+    np.testing.assert_allclose(np.abs(ours), np.abs(theirs), atol=1e-10)
+
+
+def test_pca_directions_rejects_too_many_components() -> None:
+    with pytest.raises(ValueError, match="k must be in"):
+        pca_directions(np.ones((10, 3)), 4)
+
+
+def test_random_directions_are_orthonormal_and_seeded() -> None:
+    a = random_directions(50, 7, seed=3)
+    assert a.shape == (50, 7)
+    np.testing.assert_allclose(a.T @ a, np.eye(7), atol=1e-12)
+    assert torch.equal(a, random_directions(50, 7, seed=3))
+    assert not torch.allclose(a, random_directions(50, 7, seed=4))
+
+
+def test_random_directions_hit_chance_overlap_on_average() -> None:
+    n, k, f = 80, 10, 6
+    family = np.random.default_rng(0).standard_normal((n, f))
+    mean = np.mean([overlap_curve(random_directions(n, k, seed=s), family, [k])[0]
+                    for s in range(2000)])
+    # for a Haar-random k-dim Q and any fixed f-dim F in R^n: E ||Q^T F||^2 = k f / n
+    assert mean == pytest.approx(k * f / n, rel=0.05)
+
+
+def test_overlap_curve_matches_subspace_overlap_and_numpy() -> None:
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((70, 15))
+    family = rng.standard_normal((70, 5))
+    ks = [1, 2, 5, 9, 15]
+    curve = overlap_curve(vectors, family, ks)
+    for k, value in zip(ks, curve):
+        assert value == pytest.approx(subspace_overlap(vectors[:, :k], family), abs=1e-10)
+        assert value == pytest.approx(_numpy_overlap(vectors[:, :k], family), abs=1e-10)
+    assert np.all(np.diff(curve) >= -1e-12)
+    assert curve[-1] <= 5 + 1e-9
+
+
+def test_overlap_curve_reaches_the_family_dimension_when_it_contains_it() -> None:
+    rng = np.random.default_rng(3)
+    family = rng.standard_normal((30, 4))
+    family -= family.mean(axis=0)
+    vectors = np.concatenate([family, rng.standard_normal((30, 3))], axis=1)
+    np.testing.assert_allclose(overlap_curve(vectors, family, [4, 7]), [4.0, 4.0], atol=1e-10)
+
+
+def test_overlap_curve_rejects_dependent_directions_and_bad_k() -> None:
+    x = np.random.default_rng(4).standard_normal((20, 3))
+    dependent = np.concatenate([x, x[:, :1] + x[:, 1:2]], axis=1)
+    with pytest.raises(ValueError, match="combination"):
+        overlap_curve(dependent, x, [4])
+    with pytest.raises(ValueError, match="every k"):
+        overlap_curve(x, x, [0])
+    with pytest.raises(ValueError, match="rows"):
+        overlap_curve(x, x[:10], [1])

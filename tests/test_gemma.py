@@ -1,0 +1,137 @@
+"""The fast layer eNTK against brute force on a tiny random Gemma 3 (never the real model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
+
+from entk_helpers.gemma import (  # noqa: E402
+    LayerEntk,
+    capture_prefix,
+    example_scores,
+    make_tail,
+    paper_route_operator,
+    sqrt_psd,
+    unembedding_gram,
+)
+
+N, T = 3, 6
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    model = Gemma3ForCausalLM(config).double().eval()
+    with torch.no_grad():  # random non-zero norm weights, so the norms are not trivial
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    model.requires_grad_(False)
+    ids = torch.randint(0, 50, (N, T))
+    return model, ids
+
+
+def _dense_full_logit_kernel(model, ids, layer):
+    """J J^T of all last-position logits w.r.t. the layer's down_proj weight, by jacrev."""
+    name = f"model.layers.{layer}.mlp.down_proj.weight"
+    W = dict(model.named_parameters())[name]
+
+    def logits(w):
+        out = torch.func.functional_call(model, {name: w}, (ids,))
+        return out.logits[:, -1]  # (N, V)
+
+    J = torch.func.jacrev(logits)(W).reshape(N * model.config.vocab_size, -1)
+    return J @ J.T
+
+
+def _dense_hidden_kernel(model, ids, layer):
+    name = f"layers.{layer}.mlp.down_proj.weight"
+    W = dict(model.model.named_parameters())[name]
+
+    def hidden(w):
+        return torch.func.functional_call(model.model, {name: w}, (ids,)).last_hidden_state[:, -1]
+
+    J = torch.func.jacrev(hidden)(W).reshape(N * model.config.hidden_size, -1)
+    return J @ J.T
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_tail_reproduces_last_hidden_state(tiny, layer):
+    model, ids = tiny
+    prefix = capture_prefix(model, ids, [layer])[layer]
+    W = model.model.layers[layer].mlp.down_proj.weight
+    h = make_tail(model, layer, T)(prefix.act @ W.T, prefix.resid_mid)
+    reference = model.model(input_ids=ids).last_hidden_state[:, -1]
+    torch.testing.assert_close(h, reference, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(prefix.hidden_last, reference)
+    if layer < 2:  # HF reports the last block's output after the final norm
+        states = model.model(input_ids=ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(prefix.block_out_last, states[layer + 1][:, -1])
+    else:
+        torch.testing.assert_close(model.model.norm(prefix.block_out_last), reference)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_operator_matches_brute_force(tiny, layer):
+    model, ids = tiny
+    d = model.config.hidden_size
+    prefix = capture_prefix(model, ids, [layer])[layer]
+    S = unembedding_gram(model, chunk=7)
+    U = model.lm_head.weight
+    torch.testing.assert_close(S, U.T @ U)
+    op = LayerEntk.build(model, prefix, sqrt_psd(S), chunk_size=2)
+    assert op.route == ("structured" if layer == 2 else "tail")
+
+    # K_r against J_r J_r^T, column by column. HF's eager attention takes its softmax in
+    # float32 even in a float64 model, hence tolerances of ~1e-6 relative to the largest entry.
+    Kr = _dense_hidden_kernel(model, ids, layer)
+    tol = 1e-6 * Kr.abs().max().item()
+    eye = torch.eye(N * d, dtype=torch.float64).reshape(N, d, N * d)
+    Kr_fast = op.kr_matmat(eye).reshape(N * d, N * d)
+    torch.testing.assert_close(Kr_fast, Kr, rtol=1e-5, atol=tol)
+
+    # spectrum of S^1/2 K_r S^1/2 equals the nonzero spectrum of the all-logit kernel
+    Sh = sqrt_psd(S)
+    Sh_big = torch.block_diag(*[Sh] * N)
+    Kt = Sh_big @ Kr_fast @ Sh_big
+    ev_fast = torch.linalg.eigvalsh(Kt).flip(0).numpy()
+    ev_full = torch.linalg.eigvalsh(_dense_full_logit_kernel(model, ids, layer)).flip(0).numpy()
+    np.testing.assert_allclose(ev_fast, ev_full[: N * d], rtol=1e-5, atol=1e-6 * ev_full[0])
+
+    # the scipy operator on K~, and the paper's route (full recompute per product), agree
+    lin = op.linear_operator(dtype=torch.float64)
+    X = np.random.default_rng(0).standard_normal((N * d, 2))
+    expected = Kt.numpy() @ X
+    np.testing.assert_allclose(lin.matmat(X), expected, rtol=1e-5, atol=1e-6 * abs(expected).max())
+    paper = paper_route_operator(model, ids, layer, Sh)
+    np.testing.assert_allclose(
+        paper.matvec(X[:, 0]), expected[:, 0], rtol=1e-5, atol=1e-6 * abs(expected).max()
+    )
+
+
+def test_example_scores_are_top_singular_pair():
+    rng = np.random.default_rng(1)
+    u = rng.standard_normal(5)
+    w = rng.standard_normal(4)
+    vec = np.outer(u, w).reshape(-1, 1)  # rank one: score = u * |w| up to sign
+    scores = example_scores(vec, 5)[:, 0]
+    expected = u * np.linalg.norm(w)
+    assert np.allclose(scores, expected) or np.allclose(scores, -expected)
