@@ -63,6 +63,7 @@ def plot_training_curves(
     *,
     metric: str = "acc",
     log_y: bool = False,
+    legend_loc: str = "center right",
 ) -> Any:
     """Train and test curves of one metric against the epoch.
 
@@ -71,6 +72,7 @@ def plot_training_curves(
             :class:`entk_helpers.modular.TrainingRun`).
         metric: ``"acc"`` or ``"loss"``.
         log_y: log scale for the y axis (useful for losses).
+        legend_loc: a fixed legend position (``"best"`` is slow on long histories).
     """
     for split, color in (("train", "tab:blue"), ("test", "tab:red")):
         ax.plot(history["epoch"], history[f"{split}_{metric}"], color=color, label=split)
@@ -78,7 +80,7 @@ def plot_training_curves(
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel({"acc": "accuracy", "loss": "loss"}.get(metric, metric))
-    ax.legend()
+    ax.legend(loc=legend_loc)
     return ax
 
 

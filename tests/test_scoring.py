@@ -63,7 +63,7 @@ def test_split_and_best_direction():
     assert all(train[groups == g].sum() == 5 for g in range(4))
     y = groups == 2
     scores = rng.standard_normal((40, 5))
-    scores[:, 3] = -y + 0.01 * rng.standard_normal(40)  # direction 3, negative sign
+    scores[:, 3] = -y.astype(float) + 0.01 * rng.standard_normal(40)  # direction 3, negative
     assert best_direction(scores, y, train)[:2] == (3, -1)
     rows = score_labels(scores, {"g2": y, "g0": groups == 0}, train)
     assert rows[0].test_auroc == 1.0 and rows[0].n_pos_test == 5
