@@ -24,6 +24,19 @@ from nbclient.exceptions import CellExecutionError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def strip_widgets(notebook: nbformat.NotebookNode) -> None:
+    """Drop widget state and widget views (progress bars, sliders): they only render in a live
+    kernel, and a saved view without its state shows as an error or a stale 0% bar."""
+    notebook.metadata.pop("widgets", None)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [out for out in cell.outputs
+                            if WIDGET_VIEW not in out.get("data", {})]
+
+
 def execute_in_place(path: Path, timeout: int) -> float:
     """Run one notebook top to bottom and write it back with its outputs; seconds taken."""
     notebook = nbformat.read(path, as_version=4)
@@ -33,7 +46,7 @@ def execute_in_place(path: Path, timeout: int) -> float:
     try:
         client.execute()
     finally:
-        notebook.metadata.pop("widgets", None)  # widget state would bloat the file
+        strip_widgets(notebook)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".ipynb")
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             nbformat.write(notebook, handle)
