@@ -82,6 +82,28 @@ class ModularMLP(nn.Module):
                          dim=1).to(self.layer1.weight.dtype)
 
 
+def mlp_trace_ntk(model: ModularMLP, pairs: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The trace eNTK of :class:`ModularMLP` in closed form: ``(N, N)`` in ``dtype``.
+
+    With ``x`` the one-hot input (length 2p), ``z = W1 x / sqrt(2p)``, ``h = z**2`` and
+    ``s_j = mean_c W2[c, j]**2``:
+    ``K(x, x') = h.h' / width**2 + (x.x' / 2p) * 4 * sum_j s_j z_j z'_j / width**2``
+    (layer 2, then layer 1). Two ``(N, width)`` products instead of per-input Jacobians;
+    equal to ``empirical_ntk(model, pairs, output="trace")``.
+    """
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be (N, 2) (a, b) indices, got {tuple(pairs.shape)}")
+    x = model._one_hot(pairs).to(dtype)
+    w1, w2 = model.layer1.weight.detach().to(dtype), model.layer2.weight.detach().to(dtype)
+    width, d_in = w1.shape
+    z = x @ w1.T / math.sqrt(d_in)                         # (N, width)
+    h = z**2
+    s = (w2**2).mean(dim=0)                                # (width,)
+    layer2 = h @ h.T / width**2
+    layer1 = (x @ x.T / d_in) * ((z * s) @ z.T) * (4 / width**2)
+    return layer1 + layer2
+
+
 class OneLayerTransformer(nn.Module):
     """The paper's one-layer transformer (no LayerNorm, no biases, ReLU MLP, causal).
 

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import brute_force_ntk, reduce_kernel, rel_err
 
 from entk_helpers import empirical_ntk
 from entk_helpers.modular import (
     ModularMLP,
     OneLayerTransformer,
     load_trained,
+    mlp_trace_ntk,
     modular_addition_data,
     save_trained,
     train,
@@ -96,6 +98,16 @@ def test_every_ntk_method_works_on_the_mlp() -> None:
     structured = empirical_ntk(model, pairs[:10], output="full", method="structured")
     jacobian = empirical_ntk(model, pairs[:10], output="full", method="jacobian")
     assert torch.allclose(structured, jacobian, rtol=1e-10, atol=1e-12)
+
+
+def test_closed_form_mlp_kernel_matches_brute_force(float64) -> None:
+    model = ModularMLP(P, width=16)
+    pairs, _ = modular_addition_data(P)
+    expected = reduce_kernel(brute_force_ntk(model, pairs[::3]), "trace")
+    assert rel_err(mlp_trace_ntk(model, pairs[::3]), expected) < 1e-12
+    assert rel_err(mlp_trace_ntk(model, pairs[::3], dtype=torch.float32), expected) < 1e-5
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        mlp_trace_ntk(model, pairs[:, :1])
 
 
 def train_mlp(epochs: int, checkpoint: Path | None = None) -> tuple[ModularMLP, object]:
