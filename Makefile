@@ -44,6 +44,7 @@ lab: setup
 
 benchmark: setup
 	$(PY) benchmarks/bench_mlp_entk.py
+	$(PY) benchmarks/bench_mlp_sequence.py
 
 clean-results:
 	rm -rf results/*/

@@ -160,8 +160,9 @@ class OneLayerTransformer(nn.Module):
 class TrainingRun:
     """What :func:`train` produced.
 
-    ``history``: per-epoch arrays ``epoch``, ``train_acc``, ``test_acc``, ``train_loss``,
-    ``test_loss``. ``snapshots``: ``{epoch: state_dict}`` every ``snapshot_every`` epochs
+    ``history``: arrays ``epoch``, ``train_acc``, ``test_acc``, ``train_loss``, ``test_loss``,
+    one entry per evaluated epoch (every epoch unless ``train(eval_every=...)`` said
+    otherwise). ``snapshots``: ``{epoch: state_dict}`` every ``snapshot_every`` epochs
     (epoch 0 = initialisation).
     """
 
@@ -172,6 +173,15 @@ class TrainingRun:
         """First epoch at which ``history[metric] >= threshold`` (None if never)."""
         hits = np.flatnonzero(self.history[metric] >= threshold)
         return int(self.history["epoch"][hits[0]]) if hits.size else None
+
+    def value_at(self, metric: str, epoch: int) -> float:
+        """``history[metric]`` at ``epoch``; a KeyError if that epoch was not evaluated."""
+        hits = np.flatnonzero(self.history["epoch"] == epoch)
+        if not hits.size:
+            evaluated = self.history["epoch"]
+            raise KeyError(f"epoch {epoch} was not evaluated (evaluated: {evaluated[:3].tolist()}"
+                           f" ... {evaluated[-1]}); train with an eval_every that divides it")
+        return float(self.history[metric][hits[0]])
 
 
 def _loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
@@ -208,6 +218,7 @@ def train(
     logits_at: int | None = None,
     n_classes: int | None = None,
     snapshot_every: int = 10,
+    eval_every: int = 1,
     seed: int = 0,
     checkpoint: str | Path | None = None,
     progress: bool = True,
@@ -220,6 +231,9 @@ def train(
         logits_at: for sequence outputs ``(N, T, V)``, the position read (e.g. -1).
         n_classes: keep only the first ``n_classes`` logits for loss and accuracy.
         snapshot_every: keep a copy of the parameters every this many epochs (and at 0).
+        eval_every: evaluate accuracy and loss on all inputs every this many epochs (and at 0
+            and the last epoch). Evaluation does not touch the training trajectory; a
+            larger value only makes long mini-batch runs cheaper and the curves coarser.
         checkpoint: a file to save the run to every ``snapshot_every`` epochs (atomically) and
             to resume from if it exists; long runs then survive an interruption.
 
@@ -228,6 +242,9 @@ def train(
     """
     if loss not in ("mse", "cross_entropy"):
         raise ValueError(f"loss={loss!r}; use 'mse' or 'cross_entropy'")
+    if snapshot_every < 1 or eval_every < 1:
+        raise ValueError(f"snapshot_every={snapshot_every}, eval_every={eval_every}: both must "
+                         "be positive numbers of epochs")
     device = next(model.parameters()).device
     inputs, labels = inputs.to(device), labels.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
@@ -250,7 +267,7 @@ def train(
         out = out[:, logits_at] if logits_at is not None else out
         return out[:, :n_classes] if n_classes is not None else out
 
-    def record(epoch: int) -> None:
+    def evaluate(epoch: int) -> None:
         model.eval()
         with torch.no_grad():
             logits = logits_of(inputs)
@@ -260,12 +277,14 @@ def train(
             history[f"{split}_acc"].append(
                 float((logits[idx].argmax(-1) == labels[idx]).float().mean()))
             history[f"{split}_loss"].append(float(_loss(logits[idx], labels[idx], loss)))
-        if epoch % snapshot_every == 0:
-            snapshots[epoch] = copy.deepcopy({k: v.detach().cpu()
-                                              for k, v in model.state_dict().items()})
+
+    def snapshot(epoch: int) -> None:
+        snapshots[epoch] = copy.deepcopy({k: v.detach().cpu()
+                                          for k, v in model.state_dict().items()})
 
     if start == 0:
-        record(0)
+        evaluate(0)
+        snapshot(0)
     model.train()
     bar = tqdm(range(start + 1, epochs + 1), desc="training", disable=not progress,
                initial=start, total=epochs)
@@ -275,7 +294,10 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             _loss(logits_of(inputs[batch]), labels[batch], loss).backward()
             optimizer.step()
-        record(epoch)
+        if epoch % eval_every == 0 or epoch == epochs:
+            evaluate(epoch)
+        if epoch % snapshot_every == 0:
+            snapshot(epoch)
         if epoch % max(1, epochs // 50) == 0:
             bar.set_postfix(train=f"{history['train_acc'][-1]:.2f}",
                             test=f"{history['test_acc'][-1]:.2f}")

@@ -27,6 +27,23 @@ def full_mode() -> bool:
     return os.environ.get(FULL_MODE_VARIABLE, "0").strip().lower() in {"1", "true", "yes"}
 
 
+HEADLESS_VARIABLE = "ENTK_HEADLESS"
+
+
+def interactive_widgets() -> bool:
+    """Whether to build ipywidgets explorers: ipywidgets is installed and this is not a
+    headless run (``ENTK_HEADLESS=1``, which ``scripts/run_notebooks.py`` sets). Headless
+    nbclient can stall after an ``interact`` cell until its cell timeout (jupyter/nbclient
+    issue 312), and a widget without a frontend shows nothing anyway."""
+    if os.environ.get(HEADLESS_VARIABLE, "0").strip().lower() in {"1", "true", "yes"}:
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def default_device() -> torch.device:
     """CUDA when present, else CPU; ``ENTK_DEVICE`` overrides (e.g. ``cpu``, ``cuda:1``)."""
     chosen = os.environ.get("ENTK_DEVICE")

@@ -2,7 +2,9 @@
 
 Used by ``make reproduce``. Each notebook writes ``results/<name>/summary.json`` with a
 ``paper_vs_run`` table; this script prints those tables on one screen. ``ENTK_FULL=1``
-switches the notebooks to the paper's scale.
+switches the notebooks to the paper's scale. The kernels run with ``ENTK_HEADLESS=1``, so the
+notebooks skip their ipywidgets explorers (nothing to interact with here, and headless
+nbclient can stall after an ``interact`` cell); their static figures are unaffected.
 
     python scripts/run_notebooks.py [notebooks/01_*.ipynb ...] [--timeout SECONDS]
 """
@@ -78,6 +80,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = parser.parse_args()
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    os.environ["ENTK_HEADLESS"] = "1"   # the kernels inherit it: no widget explorers
     failed = []
     for path in paths:
         print(f"running {path.name} ...", flush=True)

@@ -110,14 +110,15 @@ def test_closed_form_mlp_kernel_matches_brute_force(float64) -> None:
         mlp_trace_ntk(model, pairs[:, :1])
 
 
-def train_mlp(epochs: int, checkpoint: Path | None = None) -> tuple[ModularMLP, object]:
+def train_mlp(epochs: int, checkpoint: Path | None = None,
+              eval_every: int = 1) -> tuple[ModularMLP, object]:
     torch.manual_seed(0)
     model = ModularMLP(P, width=32)
     pairs, labels = modular_addition_data(P)
     train_idx, test_idx = train_test_split(P * P, 0.5, seed=0)
     run = train(model, pairs, labels, train_idx, test_idx, epochs=epochs, lr=1e-2,
-                weight_decay=1e-3, snapshot_every=2, batch_size=8, checkpoint=checkpoint,
-                progress=False)
+                weight_decay=1e-3, snapshot_every=2, eval_every=eval_every, batch_size=8,
+                checkpoint=checkpoint, progress=False)
     return model, run
 
 
@@ -135,6 +136,21 @@ def test_train_smoke() -> None:
     assert run.first_epoch("train_acc", 2.0) is None
     assert run.first_epoch("train_acc", 0.0) == 0
     assert not model.training
+
+
+def test_eval_every_thins_the_history_but_not_the_training() -> None:
+    every, run_every = train_mlp(7)
+    sparse, run_sparse = train_mlp(7, eval_every=3)
+    assert run_sparse.history["epoch"].tolist() == [0, 3, 6, 7]   # and always the last one
+    assert sorted(run_sparse.snapshots) == [0, 2, 4, 6]
+    for key, value in every.state_dict().items():
+        assert torch.equal(sparse.state_dict()[key], value), key
+    for epoch in (0, 3, 6, 7):
+        assert run_sparse.value_at("test_acc", epoch) == run_every.value_at("test_acc", epoch)
+    with pytest.raises(KeyError, match="epoch 4 was not evaluated"):
+        run_sparse.value_at("test_acc", 4)
+    with pytest.raises(ValueError, match="positive"):
+        train_mlp(2, eval_every=0)
 
 
 def test_train_transformer_with_logits_at_and_n_classes() -> None:
