@@ -148,6 +148,11 @@ def test_other_bad_inputs() -> None:
         top_eigenpairs(np.zeros((4, 3)), k=1)
     with pytest.raises(ValueError, match="not symmetric"):
         top_eigenpairs(np.triu(np.ones((5, 5))), k=2)
+    # a float32 kernel cast to float64 keeps float32 round-off in K - K^T: still accepted
+    features = torch.randn(50, 20, dtype=torch.float64)
+    kernel = features @ features.T
+    roundoff = 1e-6 * kernel.abs().max() * torch.randn(50, 50, dtype=torch.float64)
+    assert top_eigenpairs(kernel + roundoff, k=2).values[0] > 0
     with pytest.raises(ValueError, match="needs a matrix"):
         top_eigenpairs(aslinearoperator(np.eye(5)), k=2, method="dense")
     with pytest.raises(ValueError, match="choose one of"):
