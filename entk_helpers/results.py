@@ -24,7 +24,12 @@ FULL_MODE_VARIABLE = "ENTK_FULL"
 
 def full_mode() -> bool:
     """True when ``ENTK_FULL=1`` asks for the paper-scale run instead of the CI-sized one."""
-    return os.environ.get(FULL_MODE_VARIABLE, "0").strip().lower() in {"1", "true", "yes"}
+    return _flag(FULL_MODE_VARIABLE)
+
+
+def _flag(variable: str) -> bool:
+    """An environment variable set to 1 / true / yes."""
+    return os.environ.get(variable, "0").strip().lower() in {"1", "true", "yes"}
 
 
 HEADLESS_VARIABLE = "ENTK_HEADLESS"
@@ -35,7 +40,7 @@ def interactive_widgets() -> bool:
     headless run (``ENTK_HEADLESS=1``, which ``scripts/run_notebooks.py`` sets). Headless
     nbclient can stall after an ``interact`` cell until its cell timeout (jupyter/nbclient
     issue 312), and a widget without a frontend shows nothing anyway."""
-    if os.environ.get(HEADLESS_VARIABLE, "0").strip().lower() in {"1", "true", "yes"}:
+    if _flag(HEADLESS_VARIABLE):
         return False
     try:
         import ipywidgets  # noqa: F401
