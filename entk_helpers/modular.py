@@ -22,6 +22,7 @@ import copy
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,11 +164,14 @@ class TrainingRun:
     ``history``: arrays ``epoch``, ``train_acc``, ``test_acc``, ``train_loss``, ``test_loss``,
     one entry per evaluated epoch (every epoch unless ``train(eval_every=...)`` said
     otherwise). ``snapshots``: ``{epoch: state_dict}`` every ``snapshot_every`` epochs
-    (epoch 0 = initialisation).
+    (epoch 0 = initialisation). ``seconds``: wall time spent training, summed over the
+    calls that resumed one checkpoint (a run read back from a finished checkpoint keeps the
+    time it took when it ran).
     """
 
     history: dict[str, np.ndarray]
     snapshots: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def first_epoch(self, metric: str, threshold: float) -> int | None:
         """First epoch at which ``history[metric] >= threshold`` (None if never)."""
@@ -221,6 +225,7 @@ def train(
     eval_every: int = 1,
     seed: int = 0,
     checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
     progress: bool = True,
 ) -> TrainingRun:
     """Train with AdamW; full batch when ``batch_size`` is None, else shuffled mini-batches.
@@ -234,17 +239,21 @@ def train(
         eval_every: evaluate accuracy and loss on all inputs every this many epochs (and at 0
             and the last epoch). Evaluation does not touch the training trajectory; a
             larger value only makes long mini-batch runs cheaper and the curves coarser.
-        checkpoint: a file to save the run to every ``snapshot_every`` epochs (atomically) and
-            to resume from if it exists; long runs then survive an interruption.
+        checkpoint: a file to save the run to (atomically) every ``checkpoint_every`` epochs
+            (default ``snapshot_every``) and at the end, and to resume from if it exists: an
+            interrupted run continues, a finished one is read back without training. It
+            refuses (ValueError) a file written with other settings or another split.
 
     Returns:
         :class:`TrainingRun`.
     """
     if loss not in ("mse", "cross_entropy"):
         raise ValueError(f"loss={loss!r}; use 'mse' or 'cross_entropy'")
-    if snapshot_every < 1 or eval_every < 1:
-        raise ValueError(f"snapshot_every={snapshot_every}, eval_every={eval_every}: both must "
-                         "be positive numbers of epochs")
+    checkpoint_every = snapshot_every if checkpoint_every is None else checkpoint_every
+    if min(snapshot_every, eval_every, checkpoint_every) < 1:
+        raise ValueError(f"snapshot_every={snapshot_every}, eval_every={eval_every}, "
+                         f"checkpoint_every={checkpoint_every}: all must be positive numbers "
+                         "of epochs")
     device = next(model.parameters()).device
     inputs, labels = inputs.to(device), labels.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
@@ -253,14 +262,28 @@ def train(
     keys = ("epoch", "train_acc", "test_acc", "train_loss", "test_loss")
     history: dict[str, list[float]] = {k: [] for k in keys}
     snapshots: dict[int, dict[str, Tensor]] = {}
-    start = 0
+    start, seconds_before = 0, 0.0
     path = Path(checkpoint) if checkpoint else None
+    # what a resumed run must share with the one that wrote the checkpoint (not `epochs`:
+    # resuming with more epochs extends a run)
+    settings = {"lr": lr, "weight_decay": weight_decay, "loss": loss, "batch_size": batch_size,
+                "betas": tuple(betas), "logits_at": logits_at, "n_classes": n_classes,
+                "snapshot_every": snapshot_every, "eval_every": eval_every, "seed": seed,
+                "train_idx": train_idx.tolist(), "n_inputs": len(inputs)}
     if path and path.exists():
         state = torch.load(path, map_location=device, weights_only=False)
+        differ = sorted(k for k, v in settings.items() if state.get("settings", {}).get(k) != v)
+        if differ:
+            raise ValueError(f"checkpoint {path} was written by a run with other {differ}; "
+                             "delete it, or pass another checkpoint path for these settings")
+        if state["epoch"] > epochs:
+            raise ValueError(f"checkpoint {path} is at epoch {state['epoch']}, past "
+                             f"epochs={epochs}; ask for at least {state['epoch']} epochs")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         history, snapshots, start = state["history"], state["snapshots"], state["epoch"]
+        seconds_before = state.get("seconds", 0.0)
 
     def logits_of(x: Tensor) -> Tensor:
         out = model(x)
@@ -286,6 +309,7 @@ def train(
         evaluate(0)
         snapshot(0)
     model.train()
+    began = time.perf_counter()
     bar = tqdm(range(start + 1, epochs + 1), desc="training", disable=not progress,
                initial=start, total=epochs)
     for epoch in bar:
@@ -301,12 +325,14 @@ def train(
         if epoch % max(1, epochs // 50) == 0:
             bar.set_postfix(train=f"{history['train_acc'][-1]:.2f}",
                             test=f"{history['test_acc'][-1]:.2f}")
-        if path and epoch % snapshot_every == 0:
+        if path and (epoch % checkpoint_every == 0 or epoch == epochs):
             _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "generator": generator.get_state(), "history": history,
-                          "snapshots": snapshots, "epoch": epoch}, path)
+                          "snapshots": snapshots, "epoch": epoch, "settings": settings,
+                          "seconds": seconds_before + time.perf_counter() - began}, path)
     model.eval()
-    return TrainingRun({k: np.asarray(v) for k, v in history.items()}, snapshots)
+    return TrainingRun({k: np.asarray(v) for k, v in history.items()}, snapshots,
+                       seconds_before + (time.perf_counter() - began if start < epochs else 0.0))
 
 
 def save_trained(path: str | Path, model: nn.Module, **info: object) -> Path:

@@ -178,6 +178,24 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
                                straight_run.history["train_loss"], rtol=1e-5)
 
 
+def test_a_finished_checkpoint_is_read_back_and_other_settings_are_refused(
+        tmp_path: Path) -> None:
+    path = tmp_path / "run.pt"
+    trained, run = train_mlp(5, checkpoint=path)
+    assert torch.load(path, weights_only=False)["epoch"] == 5   # saved at the end too
+    again, run_again = train_mlp(5, checkpoint=path)             # no training: read back
+    for key, value in trained.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    np.testing.assert_array_equal(run_again.history["test_acc"], run.history["test_acc"])
+    assert sorted(run_again.snapshots) == sorted(run.snapshots)
+    saved_seconds = torch.load(path, weights_only=False)["seconds"]
+    assert run_again.seconds == saved_seconds <= run.seconds   # the original run's time
+    with pytest.raises(ValueError, match=r"other \['eval_every'\]"):
+        train_mlp(5, checkpoint=path, eval_every=2)
+    with pytest.raises(ValueError, match="past epochs=3"):
+        train_mlp(3, checkpoint=path)
+
+
 def test_save_and_load_trained_check_the_description(tmp_path: Path) -> None:
     model = ModularMLP(P, width=8)
     path = save_trained(tmp_path / "mlp.pt", model, p=P, seed=0)
