@@ -410,11 +410,14 @@ class LayerEntk:
         def push(do_c: Tensor, c: slice) -> Tensor:
             return torch.func.jvp(lambda oc: tail(oc, mid[c]), (o[c],), (do_c,))[1]
 
+        flat = act.reshape(N * T, -1)  # (N T, F): both contractions as single GEMMs
+
         def apply(V: Tensor) -> Tensor:
             Vb = V.movedim(-1, 0)  # (B, N, d): the B products share each pass through the tail
+            B = Vb.shape[0]
             go = torch.cat([torch.func.vmap(f)(Vb[:, c])[0] for c, f in zip(chunks, vjps)], 1)
-            g = torch.einsum("bntd,ntf->bdf", go, act)  # gradients w.r.t. W, (B, d, F)
-            do = torch.einsum("ntf,bdf->bntd", act, g)
+            g = go.reshape(B, N * T, d).transpose(1, 2) @ flat  # gradients w.r.t. W, (B, d, F)
+            do = (g @ flat.T).transpose(1, 2).reshape(B, N, T, d)
             out = [torch.func.vmap(lambda t, c=c: push(t, c))(do[:, c]) for c in chunks]
             return torch.cat(out, 1).movedim(0, -1)
 

@@ -271,7 +271,9 @@ def train(
                 "snapshot_every": snapshot_every, "eval_every": eval_every, "seed": seed,
                 "train_idx": train_idx.tolist(), "n_inputs": len(inputs)}
     if path and path.exists():
-        state = torch.load(path, map_location=device, weights_only=False)
+        # on the CPU: the generator's state must stay a CPU ByteTensor; load_state_dict moves
+        # the model's and the optimizer's tensors to the model's device
+        state = torch.load(path, map_location="cpu", weights_only=False)
         differ = sorted(k for k, v in settings.items() if state.get("settings", {}).get(k) != v)
         if differ:
             raise ValueError(f"checkpoint {path} was written by a run with other {differ}; "

@@ -8,6 +8,7 @@ half-written summary behind.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -110,6 +111,15 @@ def save_json(data: dict[str, Any], path: str | Path) -> Path:
     """Write ``data`` as indented JSON, atomically; returns the path."""
     path = Path(path)
     _atomic_write_bytes(path, json.dumps(to_jsonable(data), indent=2).encode())
+    return path
+
+
+def save_arrays(path: str | Path, **arrays: Any) -> Path:
+    """``np.savez`` of ``arrays``, written atomically (a crash leaves no half-written file)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path = Path(path)
+    _atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

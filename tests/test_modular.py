@@ -110,10 +110,10 @@ def test_closed_form_mlp_kernel_matches_brute_force(float64) -> None:
         mlp_trace_ntk(model, pairs[:, :1])
 
 
-def train_mlp(epochs: int, checkpoint: Path | None = None,
-              eval_every: int = 1) -> tuple[ModularMLP, object]:
+def train_mlp(epochs: int, checkpoint: Path | None = None, eval_every: int = 1,
+              device: str = "cpu") -> tuple[ModularMLP, object]:
     torch.manual_seed(0)
-    model = ModularMLP(P, width=32)
+    model = ModularMLP(P, width=32).to(device)
     pairs, labels = modular_addition_data(P)
     train_idx, test_idx = train_test_split(P * P, 0.5, seed=0)
     run = train(model, pairs, labels, train_idx, test_idx, epochs=epochs, lr=1e-2,
@@ -174,6 +174,19 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     straight, straight_run = train_mlp(6)
     for key, value in straight.state_dict().items():
         assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6), key
+    np.testing.assert_allclose(resumed_run.history["train_loss"],
+                               straight_run.history["train_loss"], rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checkpoint_resume_on_cuda(tmp_path: Path) -> None:
+    # a checkpoint written on a GPU once failed to resume there: the CPU generator's state
+    # was loaded onto the GPU ("RNG state must be a torch.ByteTensor")
+    path = tmp_path / "run.pt"
+    train_mlp(4, checkpoint=path, device="cuda")
+    resumed, resumed_run = train_mlp(6, checkpoint=path, device="cuda")
+    straight, straight_run = train_mlp(6, device="cuda")
+    assert next(resumed.parameters()).is_cuda
     np.testing.assert_allclose(resumed_run.history["train_loss"],
                                straight_run.history["train_loss"], rtol=1e-5)
 
