@@ -4,9 +4,10 @@
 the largest eigenvalues with their eigenvectors and residual norms ``||A v - lambda v||``, so
 a reader can see how converged a matrix-free answer is. Methods: dense ``eigh``; Lanczos
 (scipy's restarted ``eigsh``, or a fixed number of steps with full reorthogonalisation as
-in the paper); block Lanczos, the same Krylov method applied to a block of vectors at a
-time, for operators whose cost per product falls when several vectors share one pass (a
-layer eNTK's tail); a block method (LOBPCG) that warm-starts from earlier eigenvectors,
+in the paper); block Lanczos, the same Krylov method on a block of vectors per
+``matmat`` call (worth it where one pass over several vectors costs less than several
+passes, e.g. on a GPU), which keeps its products and so reports exact residuals at no extra
+cost (block size 1 included); a block method (LOBPCG) that warm-starts from earlier eigenvectors,
 which is what tracking a spectrum over training checkpoints wants.
 
 :func:`find_cliffs` finds blocks of eigenvalues separated by sharp drops, which the paper

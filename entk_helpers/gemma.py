@@ -405,8 +405,9 @@ class LayerEntk:
         chunks = [slice(s, min(s + chunk_size, N)) for s in range(0, N, chunk_size)]
         o = act @ W.T
         # per chunk, once: the tail's VJP (forward graph stored) and its linearisation (a traced
-        # graph of the JVP, ~10x faster per product than torch.func.jvp, which re-runs the
-        # primal and dispatches every op through forward-mode AD)
+        # graph of the JVP; torch.func.jvp re-runs the primal and dispatches every op through
+        # forward-mode AD: 11 ms vs 1.3 ms per product on a tiny Gemma, 179 s vs 156 s for
+        # layer 16 of the real one at N = 16 on the 2-core CI machine)
         vjps, jvps = [], []
         for c in chunks:
             _, vjp_fn = torch.func.vjp(lambda oc, c=c: tail(oc, mid[c]), o[c])
