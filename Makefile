@@ -37,7 +37,7 @@ unit: setup
 	$(PY) -m pytest tests -q
 
 lint: setup
-	$(PY) -m ruff check entk_helpers tests benchmarks scripts
+	$(PY) -m ruff check entk_helpers tests benchmarks scripts notebooks/conftest.py
 
 ## lab: JupyterLab on the notebooks
 lab: setup

@@ -31,6 +31,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
+
+from .baselines import pca_directions
+from .eigen import top_eigenpairs
+from .progress import progress_bar
 
 HUB_ID = "google/gemma-3-270m"
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -247,8 +252,6 @@ def capture_prefix(
 
     Memory: about ``N * T * (F + d) * 4`` bytes per requested layer.
     """
-    from tqdm.auto import tqdm
-
     dec = _decoder(model)
     n_layers = len(dec.layers)
     for L in layers:
@@ -274,7 +277,7 @@ def capture_prefix(
     try:
         with torch.no_grad():
             starts = range(0, input_ids.shape[0], batch_size)
-            for s in tqdm(starts, desc="prefix forward", disable=not progress):
+            for s in progress_bar(starts, desc="prefix forward", disable=not progress):
                 out = dec(input_ids=input_ids[s : s + batch_size].to(device))
                 finals.append(out.last_hidden_state[:, -1])
     finally:
@@ -506,3 +509,46 @@ def example_scores(vectors: np.ndarray | Tensor, n: int) -> np.ndarray:
         u, s, _ = np.linalg.svd(V[:, j].reshape(n, -1), full_matrices=False)
         out[:, j] = u[:, 0] * s[0]
     return out
+
+
+@dataclass
+class LayerDirections:
+    """One layer's top ``k`` eNTK directions and the PCA baseline at the same block.
+
+    ``values`` (k,) top eigenvalues of ``K~``; ``entk`` (N, k) per-example score of each
+    eigenvector (:func:`example_scores`); ``pca`` (N, k) scores on the top principal
+    components of the block's last-token output; ``residuals`` (k,) exact
+    ``||K~ v - lambda v|| / lambda_1`` of each eigenpair; ``products`` kernel-vector
+    products used; ``seconds`` wall time of the operator and the solve.
+    """
+
+    layer: int
+    route: str
+    values: np.ndarray
+    entk: np.ndarray
+    pca: np.ndarray
+    residuals: np.ndarray
+    products: int
+    seconds: float
+
+
+def layer_directions(model: Any, prefix: LayerPrefix, s_half: Tensor, *, k: int = 25,
+                     steps: int = 50, seed: int = 0) -> LayerDirections:
+    """Top ``k`` eigenvectors of layer ``prefix.layer``'s ``K~`` by Lanczos (``steps`` steps,
+    the paper's 50 by default), their per-example scores, and PCA of the block output.
+
+    Lanczos keeps its products (block size 1), so all ``k`` residuals come out exactly with no
+    extra products; the start vector is drawn from ``seed``.
+    """
+    began = time.perf_counter()
+    op = LayerEntk.build(model, prefix, s_half)
+    n = op.n
+    v0 = np.random.default_rng(seed).standard_normal(n * op.d)
+    eig = top_eigenpairs(op.linear_operator(dtype=prefix.act.dtype), k, method="block_lanczos",
+                         block_size=1, max_steps=steps, v0=v0)
+    return LayerDirections(
+        layer=prefix.layer, route=op.route, values=eig.values.numpy(),
+        entk=example_scores(eig.vectors, n),
+        pca=pca_directions(prefix.block_out_last, k).numpy(),
+        residuals=eig.relative_residuals.numpy(), products=op.matvecs,
+        seconds=time.perf_counter() - began)

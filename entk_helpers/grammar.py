@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from .progress import progress_bar
+from .results import save_torch
 
 UPOS_CLASSES = ("PUNCT", "PRON", "PROPN", "DET", "ADV", "CCONJ", "NOUN", "VERB")
 FILTER_VERSION = 1
@@ -191,8 +193,6 @@ def build_dataset(
     Raises:
         RuntimeError: when the corpus has too few accepted windows for some class.
     """
-    from tqdm.auto import tqdm
-
     n = n_per_class * len(UPOS_CLASSES)
     corpus_hash = hashlib.sha256("\x00".join(stories).encode()).hexdigest()
     key = _cache_key({"model": model_source, "corpus": corpus_hash, "T": T, "N": n,
@@ -211,7 +211,7 @@ def build_dataset(
         pools[c] = [pools[c][i] for i in rng.permutation(len(pools[c]))]
     chosen: dict[str, list[dict[str, Any]]] = {c: [] for c in UPOS_CLASSES}
     checked = Counter()
-    bar = tqdm(total=n, desc="greedy filter")
+    bar = progress_bar(total=n, desc="greedy filter")
     while any(len(chosen[c]) < n_per_class and pools[c] for c in UPOS_CLASSES):
         batch = []
         for c in UPOS_CLASSES:
@@ -260,28 +260,5 @@ def build_dataset(
         labels=labels, info=info,
     )
     if path is not None:
-        save_atomic(data.__dict__, path)
+        save_torch(data.__dict__, path)
     return data
-
-
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def pca_scores(X: np.ndarray | Tensor, k: int = 25) -> np.ndarray:
-    """Scores on the top ``k`` principal components of the rows of X (N, d) -> (N, k)."""
-    X = np.asarray(X.cpu() if isinstance(X, Tensor) else X, dtype=np.float64)
-    Xc = X - X.mean(0)
-    u, s, _ = np.linalg.svd(Xc, full_matrices=False)
-    return u[:, :k] * s[:k]

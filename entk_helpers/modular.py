@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
+from .results import save_torch
 
 
 def modular_addition_data(p: int) -> tuple[Tensor, Tensor]:
@@ -194,18 +194,6 @@ def _loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def train(
     model: nn.Module,
     inputs: Tensor,
@@ -312,8 +300,8 @@ def train(
         snapshot(0)
     model.train()
     began = time.perf_counter()
-    bar = tqdm(range(start + 1, epochs + 1), desc="training", disable=not progress,
-               initial=start, total=epochs)
+    bar = progress_bar(range(start + 1, epochs + 1), desc="training", disable=not progress,
+                       initial=start, total=epochs)
     for epoch in bar:
         order = train_idx[torch.randperm(len(train_idx), generator=generator)]
         for batch in order.split(batch_size or len(order)):
@@ -326,12 +314,12 @@ def train(
             snapshot(epoch)
         if epoch % max(1, epochs // 50) == 0:
             bar.set_postfix(train=f"{history['train_acc'][-1]:.2f}",
-                            test=f"{history['test_acc'][-1]:.2f}")
+                            test=f"{history['test_acc'][-1]:.2f}", refresh=False)
         if path and (epoch % checkpoint_every == 0 or epoch == epochs):
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "generator": generator.get_state(), "history": history,
-                          "snapshots": snapshots, "epoch": epoch, "settings": settings,
-                          "seconds": seconds_before + time.perf_counter() - began}, path)
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(), "history": history,
+                        "snapshots": snapshots, "epoch": epoch, "settings": settings,
+                        "seconds": seconds_before + time.perf_counter() - began}, path)
     model.eval()
     return TrainingRun({k: np.asarray(v) for k, v in history.items()}, snapshots,
                        seconds_before + (time.perf_counter() - began if start < epochs else 0.0))
@@ -344,7 +332,7 @@ def save_trained(path: str | Path, model: nn.Module, **info: object) -> Path:
     them; :func:`load_trained` only accepts a file whose description matches.
     """
     path = Path(path)
-    _atomic_save({"state_dict": model.state_dict(), "info": info}, path)
+    save_torch({"state_dict": model.state_dict(), "info": info}, path)
     return path
 
 

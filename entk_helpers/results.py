@@ -123,6 +123,15 @@ def save_arrays(path: str | Path, **arrays: Any) -> Path:
     return path
 
 
+def save_torch(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` of ``obj``, written atomically (a crash leaves no half-written file)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path = Path(path)
+    _atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def save_figure(fig: Any, path: str | Path, dpi: int = 90) -> Path:
     """Save a matplotlib figure as PNG at a modest dpi, atomically; returns the path."""
     path = Path(path).with_suffix(".png")

@@ -13,6 +13,7 @@ from entk_helpers.gemma import (  # noqa: E402
     LayerEntk,
     capture_prefix,
     example_scores,
+    layer_directions,
     make_tail,
     paper_route_operator,
     sqrt_psd,
@@ -135,3 +136,22 @@ def test_example_scores_are_top_singular_pair():
     scores = example_scores(vec, 5)[:, 0]
     expected = u * np.linalg.norm(w)
     assert np.allclose(scores, expected) or np.allclose(scores, -expected)
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_layer_directions_match_dense_eigh_and_pca(tiny, layer):
+    model, ids = tiny
+    prefix = capture_prefix(model, ids, [layer])[layer]
+    S = unembedding_gram(model)
+    k = 3
+    found = layer_directions(model, prefix, sqrt_psd(S), k=k, steps=40)
+    # reference: the nonzero spectrum of the all-logit kernel J J^T, by jacrev and eigh
+    ev_full = torch.linalg.eigvalsh(_dense_full_logit_kernel(model, ids, layer)).flip(0).numpy()
+    np.testing.assert_allclose(found.values, ev_full[:k], rtol=1e-5)
+    assert found.residuals.max() < 1e-6
+    assert found.entk.shape == (N, k) and found.pca.shape == (N, k)
+    # PCA scores: centred block outputs projected on their principal axes (numpy SVD)
+    X = prefix.block_out_last.numpy()
+    u, s, _ = np.linalg.svd(X - X.mean(0), full_matrices=False)
+    np.testing.assert_allclose(np.abs(found.pca[:, :2]), np.abs(u[:, :2] * s[:2]), atol=1e-8)
+    assert found.products <= 40 and found.route == ("structured" if layer == 2 else "tail")

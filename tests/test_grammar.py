@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from entk_helpers import grammar
@@ -13,15 +12,6 @@ def test_shipped_corpus_loads(monkeypatch):
     stories, name = grammar.load_corpus()
     assert len(stories) >= 20 and "shipped" in name
     assert all(grammar.STORY_SEPARATOR not in s for s in stories)
-
-
-def test_pca_scores_are_centered_projections():
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((30, 6)) @ np.diag([5, 3, 1, 0.5, 0.1, 0.01])
-    P = grammar.pca_scores(X, k=3)
-    assert P.shape == (30, 3)
-    np.testing.assert_allclose(P.mean(0), 0, atol=1e-10)
-    assert np.all(np.diff(P.var(0)) <= 0)
 
 
 def test_thresholds_scale_with_n():
