@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, make_case, reduce_kernel
+from ntk_references import assert_close, make_case, reduce_kernel
 
 from entk_helpers import (
     MemoryBudgetError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_case
+from ntk_references import make_case
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from entk_helpers import Cliff, find_cliffs, ntk_operator, top_eigenpairs

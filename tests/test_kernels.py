@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, Case, assert_close, brute_force_ntk, make_case, reduce_kernel, rel_err
+from ntk_references import (
+    CASES,
+    Case,
+    assert_close,
+    brute_force_ntk,
+    make_case,
+    reduce_kernel,
+    rel_err,
+)
 from torch import Tensor, nn
 
 from entk_helpers import empirical_ntk, layerwise_ntk

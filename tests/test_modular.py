@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import brute_force_ntk, reduce_kernel, rel_err
+from ntk_references import brute_force_ntk, reduce_kernel, rel_err
 
 from entk_helpers import empirical_ntk
 from entk_helpers.modular import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, make_case, reduce_kernel, rel_err
+from ntk_references import assert_close, make_case, reduce_kernel, rel_err
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from entk_helpers import MemoryBudgetError, memory_budget, ntk_operator
