@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,6 +216,7 @@ def train(
     seed: int = 0,
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
+    cpu_threads: int | None = 1,
     progress: bool = True,
 ) -> TrainingRun:
     """Train with AdamW; full batch when ``batch_size`` is None, else shuffled mini-batches.
@@ -231,6 +234,10 @@ def train(
             (default ``snapshot_every``) and at the end, and to resume from if it exists: an
             interrupted run continues, a finished one is read back without training. It
             refuses (ValueError) a file written with other settings or another split.
+        cpu_threads: torch's intra-op threads during training on the CPU (restored after;
+            None keeps the current setting). The toy models' ops are too small to gain from
+            more threads, and one thread keeps its speed when another process competes for
+            the cores, where two slow to a crawl (``benchmarks/bench_training.py``).
 
     Returns:
         :class:`TrainingRun`.
@@ -244,8 +251,9 @@ def train(
                          "of epochs")
     device = next(model.parameters()).device
     inputs, labels = inputs.to(device), labels.to(device)
+    # fused: one kernel per step instead of a dozen small ops per tensor (CPU and CUDA)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                                  betas=betas)
+                                  betas=betas, fused=device.type in ("cpu", "cuda"))
     generator = torch.Generator().manual_seed(seed)
     keys = ("epoch", "train_acc", "test_acc", "train_loss", "test_loss")
     history: dict[str, list[float]] = {k: [] for k in keys}
@@ -295,34 +303,47 @@ def train(
         snapshots[epoch] = copy.deepcopy({k: v.detach().cpu()
                                           for k, v in model.state_dict().items()})
 
-    if start == 0:
-        evaluate(0)
-        snapshot(0)
-    model.train()
     began = time.perf_counter()
-    bar = progress_bar(range(start + 1, epochs + 1), desc="training", disable=not progress,
-                       initial=start, total=epochs)
-    for epoch in bar:
-        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
-        for batch in order.split(batch_size or len(order)):
-            optimizer.zero_grad(set_to_none=True)
-            _loss(logits_of(inputs[batch]), labels[batch], loss).backward()
-            optimizer.step()
-        if epoch % eval_every == 0 or epoch == epochs:
-            evaluate(epoch)
-        if epoch % snapshot_every == 0:
-            snapshot(epoch)
-        if epoch % max(1, epochs // 50) == 0:
-            bar.set_postfix(train=f"{history['train_acc'][-1]:.2f}",
-                            test=f"{history['test_acc'][-1]:.2f}", refresh=False)
-        if path and (epoch % checkpoint_every == 0 or epoch == epochs):
-            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "history": history,
-                        "snapshots": snapshots, "epoch": epoch, "settings": settings,
-                        "seconds": seconds_before + time.perf_counter() - began}, path)
+    with _intra_op_threads(cpu_threads if device.type == "cpu" else None):
+        if start == 0:
+            evaluate(0)
+            snapshot(0)
+        model.train()
+        bar = progress_bar(range(start + 1, epochs + 1), desc="training", disable=not progress,
+                           initial=start, total=epochs)
+        for epoch in bar:
+            order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+            for batch in order.split(batch_size or len(order)):
+                optimizer.zero_grad(set_to_none=True)
+                _loss(logits_of(inputs[batch]), labels[batch], loss).backward()
+                optimizer.step()
+            if epoch % eval_every == 0 or epoch == epochs:
+                evaluate(epoch)
+            if epoch % snapshot_every == 0:
+                snapshot(epoch)
+            if epoch % max(1, epochs // 50) == 0:
+                bar.set_postfix(train=f"{history['train_acc'][-1]:.2f}",
+                                test=f"{history['test_acc'][-1]:.2f}", refresh=False)
+            if path and (epoch % checkpoint_every == 0 or epoch == epochs):
+                save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "generator": generator.get_state(), "history": history,
+                            "snapshots": snapshots, "epoch": epoch, "settings": settings,
+                            "seconds": seconds_before + time.perf_counter() - began}, path)
     model.eval()
     return TrainingRun({k: np.asarray(v) for k, v in history.items()}, snapshots,
                        seconds_before + (time.perf_counter() - began if start < epochs else 0.0))
+
+
+@contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (None: as they are), restoring them after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def save_trained(path: str | Path, model: nn.Module, **info: object) -> Path:

@@ -1,7 +1,7 @@
 """Execute every notebook headless, in place, then print what each one found.
 
-Used by ``make reproduce``; runs the drafts in ``notebooks/drafts/`` too (not yet in
-``make test``, see their README), in number order. Each notebook writes
+Used by ``make reproduce``; runs them in number order (03 before 04, which then reuses 03's
+results). Each notebook writes
 ``results/<name>/summary.json`` with a ``paper_vs_run`` table; this script prints those tables
 on one screen. ``ENTK_FULL=1``
 switches the notebooks to the paper's scale. The kernels run with ``ENTK_HEADLESS=1``, so the
@@ -81,10 +81,7 @@ def main() -> int:
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = parser.parse_args()
-    # in number order, drafts included (03 before 04, which then reuses 03's results)
-    paths = args.notebooks or sorted(
-        [*(ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"),
-         *(ROOT / "notebooks" / "drafts").glob("[0-9][0-9]_*.ipynb")], key=lambda p: p.name)
+    paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     os.environ["ENTK_HEADLESS"] = "1"   # the kernels inherit it: no widget explorers
     failed = []
     for path in paths:

@@ -167,6 +167,34 @@ def test_train_transformer_with_logits_at_and_n_classes() -> None:
               weight_decay=0.0, loss="hinge")
 
 
+class _ThreadRecordingMLP(ModularMLP):
+    """Records torch's intra-op thread count at every forward."""
+
+    def __init__(self) -> None:
+        super().__init__(P, width=8)
+        self.threads_seen: set[int] = set()
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        self.threads_seen.add(torch.get_num_threads())
+        return super().forward(pairs)
+
+
+@pytest.mark.parametrize("cpu_threads", [1, None])
+def test_train_uses_the_asked_threads_and_restores_the_callers(cpu_threads: int | None) -> None:
+    pairs, labels = modular_addition_data(P)
+    train_idx, test_idx = train_test_split(P * P, 0.5, seed=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = _ThreadRecordingMLP()
+        train(model, pairs, labels, train_idx, test_idx, epochs=2, lr=1e-2, weight_decay=0.0,
+              cpu_threads=cpu_threads, progress=False)
+        assert model.threads_seen == {cpu_threads or 2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     path = tmp_path / "run.pt"
     train_mlp(4, checkpoint=path)
