@@ -237,7 +237,7 @@ def train(
         cpu_threads: torch's intra-op threads during training on the CPU (restored after;
             None keeps the current setting). The toy models' ops are too small to gain from
             more threads, and one thread keeps its speed when another process competes for
-            the cores, where two slow to a crawl (``benchmarks/bench_training.py``).
+            the cores, where two run about three times slower (``benchmarks/bench_training.py``).
 
     Returns:
         :class:`TrainingRun`.
@@ -249,6 +249,9 @@ def train(
         raise ValueError(f"snapshot_every={snapshot_every}, eval_every={eval_every}, "
                          f"checkpoint_every={checkpoint_every}: all must be positive numbers "
                          "of epochs")
+    if cpu_threads is not None and cpu_threads < 1:
+        raise ValueError(f"cpu_threads={cpu_threads}: use a positive number, or None to keep "
+                         "torch's current setting")
     device = next(model.parameters()).device
     inputs, labels = inputs.to(device), labels.to(device)
     # fused: one kernel per step instead of a dozen small ops per tensor (CPU and CUDA)

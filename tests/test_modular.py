@@ -191,6 +191,9 @@ def test_train_uses_the_asked_threads_and_restores_the_callers(cpu_threads: int 
               cpu_threads=cpu_threads, progress=False)
         assert model.threads_seen == {cpu_threads or 2}
         assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="cpu_threads=0"):
+            train(model, pairs, labels, train_idx, test_idx, epochs=1, lr=1e-2,
+                  weight_decay=0.0, cpu_threads=0, progress=False)
     finally:
         torch.set_num_threads(before)
 
