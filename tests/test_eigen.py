@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import threadpoolctl
 import torch
 from ntk_references import make_case
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
@@ -221,3 +222,26 @@ def test_find_cliffs_bad_input() -> None:
         find_cliffs(np.arange(10.0))
     with pytest.raises(ValueError, match="at least 3"):
         find_cliffs(np.array([2.0, 1.0]))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "block_lanczos", "block"])
+def test_matrix_free_solves_run_numpy_blas_on_one_thread(method: str) -> None:
+    # numpy's BLAS workers spin after each call and would take the cores from the products
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+                if pool["user_api"] == "blas"}
+
+    matrix = psd_matrix(60, decaying(60))
+    seen: set[int] = set()
+
+    def matmat(x: np.ndarray) -> np.ndarray:
+        seen.update(blas_threads())
+        return matrix @ x
+
+    operator = LinearOperator(matrix.shape, matvec=matmat, matmat=matmat, dtype=np.float64)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        result = top_eigenpairs(operator, 4, method=method, max_steps=40)
+        assert blas_threads() == before
+    assert seen == {1}
+    np.testing.assert_allclose(result.values.numpy(), decaying(4), rtol=1e-6)
