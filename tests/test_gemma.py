@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 
-from entk_helpers import memory_budget  # noqa: E402
+from entk_helpers import MemoryBudgetError, memory_budget  # noqa: E402
 from entk_helpers.gemma import (  # noqa: E402
     LayerEntk,
     capture_prefix,
@@ -18,6 +18,7 @@ from entk_helpers.gemma import (  # noqa: E402
     make_tail,
     paper_route_operator,
     sqrt_psd,
+    tail_memory,
     unembedding_gram,
 )
 
@@ -91,17 +92,20 @@ def test_tail_reproduces_last_hidden_state(tiny, layer):
         torch.testing.assert_close(model.model.norm(prefix.block_out_last), reference)
 
 
-@pytest.mark.parametrize(("layer", "linearize"), [(0, None), (0, False), (2, None)])
-def test_operator_matches_brute_force(tiny, layer, linearize):
+@pytest.mark.parametrize(("layer", "store_vjp", "linearize"),
+                         [(0, None, None), (0, None, False), (0, False, False), (2, None, None)])
+def test_operator_matches_brute_force(tiny, layer, store_vjp, linearize):
     model, ids = tiny
     d = model.config.hidden_size
     prefix = capture_prefix(model, ids, [layer])[layer]
     S = unembedding_gram(model, chunk=7)
     U = model.lm_head.weight
     torch.testing.assert_close(S, U.T @ U)
-    op = LayerEntk.build(model, prefix, sqrt_psd(S), chunk_size=2, linearize=linearize)
+    op = LayerEntk.build(model, prefix, sqrt_psd(S), chunk_size=2, store_vjp=store_vjp,
+                         linearize=linearize)
     assert op.route == ("structured" if layer == 2 else "tail")
-    if layer == 0:  # the tiny model's linearised tail fits any budget unless refused
+    if layer == 0:  # the tiny model's tail fits any default budget: kept unless refused
+        assert op.extras["vjp"] == ("recomputed" if store_vjp is False else "stored")
         assert op.extras["jvp"] == ("recomputed" if linearize is False else "linearized")
 
     # K_r against J_r J_r^T, column by column. HF's eager attention takes its softmax in
@@ -147,7 +151,7 @@ def test_layer_directions_match_dense_eigh_and_pca(tiny, layer):
     prefix = capture_prefix(model, ids, [layer])[layer]
     S = unembedding_gram(model)
     k = 3
-    found = layer_directions(model, prefix, sqrt_psd(S), k=k, steps=40)
+    found = layer_directions(model, prefix, sqrt_psd(S), k=k, steps=40, progress=True)
     # reference: the nonzero spectrum of the all-logit kernel J J^T, by jacrev and eigh
     ev_full = torch.linalg.eigvalsh(_dense_full_logit_kernel(model, ids, layer)).flip(0).numpy()
     np.testing.assert_allclose(found.values, ev_full[:k], rtol=1e-5)
@@ -158,15 +162,33 @@ def test_layer_directions_match_dense_eigh_and_pca(tiny, layer):
     u, s, _ = np.linalg.svd(X - X.mean(0), full_matrices=False)
     np.testing.assert_allclose(np.abs(found.pca[:, :2]), np.abs(u[:, :2] * s[:2]), atol=1e-8)
     assert found.products <= 40 and found.route == ("structured" if layer == 2 else "tail")
+    assert found.memory_plan == ("" if layer == 2 else
+                                 "VJP graph stored, JVP linearized, 3 windows per chunk")
 
 
-def test_tail_jvp_is_recomputed_when_its_linearisation_exceeds_the_budget(tiny):
+def test_tail_keeps_what_the_memory_budget_allows_and_refuses_less_than_one_window(tiny):
     model, ids = tiny
     prefix = capture_prefix(model, ids, [0])[0]
     s_half = sqrt_psd(unembedding_gram(model))
-    with memory_budget("1KB"):
-        op = LayerEntk.build(model, prefix, s_half, chunk_size=2)
-    assert op.extras["jvp"] == "recomputed"
-    kept = LayerEntk.build(model, prefix, s_half, chunk_size=2, linearize=True)
-    V = torch.randn(N, model.config.hidden_size, 3, dtype=torch.float64)
-    torch.testing.assert_close(op.kr_matmat(V), kept.kr_matmat(V), rtol=1e-6, atol=1e-9)
+    window = tail_memory(model, 0, 1, T, element_size=8)  # float64 model
+    vjp_all, lin_all = N * window["vjp"], N * window["linearized"]
+    d = model.config.hidden_size
+    V = torch.randn(N, d, 3, dtype=torch.float64)
+    Kr = _dense_hidden_kernel(model, ids, 0).reshape(N, d, N, d)
+    expected = torch.einsum("iajb,jbk->iak", Kr, V)
+    plans = {  # budget -> (VJP graph, JVP, windows per chunk)
+        vjp_all + lin_all: ("stored", "linearized", 2),
+        vjp_all + 2 * window["vjp"]: ("stored", "recomputed", 2),
+        2 * window["vjp"]: ("recomputed", "recomputed", 2),
+        1.5 * window["vjp"]: ("recomputed", "recomputed", 1),
+    }
+    for budget, plan in plans.items():
+        with memory_budget(budget):
+            op = LayerEntk.build(model, prefix, s_half, chunk_size=2)
+        assert (op.extras["vjp"], op.extras["jvp"], op.extras["chunk_size"]) == plan, budget
+        torch.testing.assert_close(op.kr_matmat(V), expected, rtol=1e-5,
+                                   atol=1e-6 * expected.abs().max().item())
+    with memory_budget(0.5 * window["vjp"]), pytest.raises(MemoryBudgetError, match="budget"):
+        LayerEntk.build(model, prefix, s_half)
+    with memory_budget(vjp_all), pytest.raises(MemoryBudgetError, match="VJP graph"):
+        LayerEntk.build(model, prefix, s_half, store_vjp=True)
