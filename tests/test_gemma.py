@@ -92,9 +92,9 @@ def test_tail_reproduces_last_hidden_state(tiny, layer):
         torch.testing.assert_close(model.model.norm(prefix.block_out_last), reference)
 
 
-@pytest.mark.parametrize(("layer", "store_vjp", "linearize"),
+@pytest.mark.parametrize(("layer", "store_vjp", "store_jvp"),
                          [(0, None, None), (0, None, False), (0, False, False), (2, None, None)])
-def test_operator_matches_brute_force(tiny, layer, store_vjp, linearize):
+def test_operator_matches_brute_force(tiny, layer, store_vjp, store_jvp):
     model, ids = tiny
     d = model.config.hidden_size
     prefix = capture_prefix(model, ids, [layer])[layer]
@@ -102,11 +102,12 @@ def test_operator_matches_brute_force(tiny, layer, store_vjp, linearize):
     U = model.lm_head.weight
     torch.testing.assert_close(S, U.T @ U)
     op = LayerEntk.build(model, prefix, sqrt_psd(S), chunk_size=2, store_vjp=store_vjp,
-                         linearize=linearize)
+                         store_jvp=store_jvp)
     assert op.route == ("structured" if layer == 2 else "tail")
     if layer == 0:  # the tiny model's tail fits any default budget: kept unless refused
         assert op.extras["vjp"] == ("recomputed" if store_vjp is False else "stored")
-        assert op.extras["jvp"] == ("recomputed" if linearize is False else "linearized")
+        assert op.extras["jvp"] == {None: "stored", False: "recomputed" if store_vjp is False
+                                    else "rebuilt"}[store_jvp]
 
     # K_r against J_r J_r^T, column by column. HF's eager attention takes its softmax in
     # float32 even in a float64 model, hence tolerances of ~1e-6 relative to the largest entry.
@@ -163,7 +164,7 @@ def test_layer_directions_match_dense_eigh_and_pca(tiny, layer):
     np.testing.assert_allclose(np.abs(found.pca[:, :2]), np.abs(u[:, :2] * s[:2]), atol=1e-8)
     assert found.products <= 40 and found.route == ("structured" if layer == 2 else "tail")
     assert found.memory_plan == ("" if layer == 2 else
-                                 "VJP graph stored, JVP linearized, 3 windows per chunk")
+                                 "VJP graph stored, JVP graph stored, 3 windows per chunk")
 
 
 def test_tail_keeps_what_the_memory_budget_allows_and_refuses_less_than_one_window(tiny):
@@ -171,16 +172,17 @@ def test_tail_keeps_what_the_memory_budget_allows_and_refuses_less_than_one_wind
     prefix = capture_prefix(model, ids, [0])[0]
     s_half = sqrt_psd(unembedding_gram(model))
     window = tail_memory(model, 0, 1, T, element_size=8)  # float64 model
-    vjp_all, lin_all = N * window["vjp"], N * window["linearized"]
+    vjp_all, jvp_all = N * window["vjp"], N * window["jvp"]
     d = model.config.hidden_size
     V = torch.randn(N, d, 3, dtype=torch.float64)
     Kr = _dense_hidden_kernel(model, ids, 0).reshape(N, d, N, d)
     expected = torch.einsum("iajb,jbk->iak", Kr, V)
-    plans = {  # budget -> (VJP graph, JVP, windows per chunk)
-        vjp_all + lin_all: ("stored", "linearized", 2),
-        vjp_all + 2 * window["vjp"]: ("stored", "recomputed", 2),
-        2 * window["vjp"]: ("recomputed", "recomputed", 2),
-        1.5 * window["vjp"]: ("recomputed", "recomputed", 1),
+    rebuild = max(window.values())  # one window's graphs being rebuilt
+    plans = {  # budget -> (VJP graph, JVP graph, windows per chunk)
+        vjp_all + jvp_all: ("stored", "stored", 2),
+        vjp_all + 2 * rebuild: ("stored", "rebuilt", 2),
+        2 * rebuild: ("recomputed", "recomputed", 2),
+        1.5 * rebuild: ("recomputed", "recomputed", 1),
     }
     for budget, plan in plans.items():
         with memory_budget(budget):
@@ -188,7 +190,7 @@ def test_tail_keeps_what_the_memory_budget_allows_and_refuses_less_than_one_wind
         assert (op.extras["vjp"], op.extras["jvp"], op.extras["chunk_size"]) == plan, budget
         torch.testing.assert_close(op.kr_matmat(V), expected, rtol=1e-5,
                                    atol=1e-6 * expected.abs().max().item())
-    with memory_budget(0.5 * window["vjp"]), pytest.raises(MemoryBudgetError, match="budget"):
+    with memory_budget(0.5 * rebuild), pytest.raises(MemoryBudgetError, match="budget"):
         LayerEntk.build(model, prefix, s_half)
     with memory_budget(vjp_all), pytest.raises(MemoryBudgetError, match="VJP graph"):
         LayerEntk.build(model, prefix, s_half, store_vjp=True)
