@@ -391,6 +391,11 @@ def _plan_tail(
     The VJP graph is kept first (the JVP's graph is built from it). What is not kept is rebuilt
     in every product, one chunk at a time: room for one chunk's graphs stays free.
     """
+    if store_jvp:  # the JVP's graph is built from the VJP's
+        if store_vjp is False:
+            raise ValueError("store_jvp=True needs the VJP graph kept: pass store_vjp=True "
+                             "or leave it to None")
+        store_vjp = True
     budget = get_memory_budget(device)
     vjp_all, jvp_all = n * per_window["vjp"], n * per_window["jvp"]
     transient = max(per_window.values())  # per window of a chunk being rebuilt

@@ -194,3 +194,7 @@ def test_tail_keeps_what_the_memory_budget_allows_and_refuses_less_than_one_wind
         LayerEntk.build(model, prefix, s_half)
     with memory_budget(vjp_all), pytest.raises(MemoryBudgetError, match="VJP graph"):
         LayerEntk.build(model, prefix, s_half, store_vjp=True)
+    with memory_budget(vjp_all + jvp_all):  # keeping the JVP's graph keeps the VJP's
+        assert LayerEntk.build(model, prefix, s_half, store_jvp=True).extras["vjp"] == "stored"
+    with pytest.raises(ValueError, match="store_vjp"):
+        LayerEntk.build(model, prefix, s_half, store_vjp=False, store_jvp=True)
