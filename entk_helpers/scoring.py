@@ -179,6 +179,25 @@ def macro_means(rows: list[LabelScore]) -> dict[str, float]:
     return {k: float(np.mean([getattr(r, k) for r in rows])) for k in keys}
 
 
+def is_morphology_label(name: str) -> bool:
+    """UD morphology features are named ``Key=Value`` (``Number=Sing``); UPOS classes are not."""
+    return "=" in name
+
+
+def family_macros(rows: list[LabelScore]) -> dict[str, dict[str, float]]:
+    """The paper's two macros, never one: ``{"macro_pos": ..., "macro_morphology": ...}``.
+
+    ``macro_pos`` averages the UPOS labels only, ``macro_morphology`` the morphology labels
+    only (:func:`is_morphology_label`); each value is :func:`macro_means` of that family. A
+    family with no labels (e.g. every morphology label failed the support filter) is left out.
+    """
+    families = {
+        "macro_pos": [r for r in rows if not is_morphology_label(r.label)],
+        "macro_morphology": [r for r in rows if is_morphology_label(r.label)],
+    }
+    return {name: macro_means(family) for name, family in families.items() if family}
+
+
 def bootstrap_macro(
     score_sets: Mapping[str, np.ndarray],
     rows: Mapping[str, list[LabelScore]],

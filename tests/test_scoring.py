@@ -13,6 +13,7 @@ from entk_helpers.scoring import (
     best_direction,
     bootstrap_macro,
     enrichment_at_quota,
+    family_macros,
     macro_means,
     precision_at_quota,
     score_labels,
@@ -73,3 +74,16 @@ def test_split_and_best_direction():
                          {"g2": y, "g0": groups == 0}, train, n_boot=50)
     assert ci["a"]["low"] <= ci["a"]["mean"] <= ci["a"]["high"]
     assert "a-b" in ci
+
+
+def test_family_macros_average_each_family_apart():
+    from entk_helpers.scoring import LabelScore
+
+    def row(label, auroc_value):
+        return LabelScore(label, 0, 1, 0.5, 0.5, auroc_value, 0.5, 1.0, 4)
+
+    rows = [row("NOUN", 0.9), row("VERB", 0.7), row("Number=Sing", 0.6), row("Tense=Past", 0.4)]
+    macros = family_macros(rows)
+    assert macros["macro_pos"]["test_auroc"] == pytest.approx(0.8)
+    assert macros["macro_morphology"]["test_auroc"] == pytest.approx(0.5)
+    assert set(family_macros(rows[:2])) == {"macro_pos"}
