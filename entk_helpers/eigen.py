@@ -30,7 +30,9 @@ EIGEN_METHODS = ("auto", "dense", "lanczos", "block_lanczos", "block")
 @dataclass
 class EigenResult:
     """Top eigenpairs. ``values`` (k,) descending, ``vectors`` (n, k) orthonormal columns,
-    ``residuals`` (k,) = ``||A v_i - values_i v_i||``; ``n_matvecs`` for matrix-free runs."""
+    ``residuals`` (k,) = ``||A v_i - values_i v_i||``; ``n_matvecs``: for matrix-free runs,
+    the products of this solve, read from the operator's counter (``KernelOperator.n_matvecs``;
+    0 for operators without one)."""
 
     values: Tensor
     vectors: Tensor
@@ -104,12 +106,15 @@ def top_eigenpairs(
     )
     start = None if v0 is None else np.asarray(
         torch.as_tensor(_contiguous(v0)).detach().cpu().double())
+    products_before = getattr(operator, "n_matvecs", 0)  # the KernelOperator counter
     # numpy's BLAS on one thread: its bookkeeping here is small, and between steps its idle
     # worker threads spin and take the cores from the products' torch threads (top 25 of
     # layer 16 of Gemma-3-270M, N = 16, 2 cores: 7.8 s -> 3.9 s; benchmarks/README.md)
     with threadpool_limits(limits=1, user_api="blas"):
-        return _iterative(operator, k, method, tol, start, max_steps, block_size,
-                          np.random.default_rng(seed))
+        result = _iterative(operator, k, method, tol, start, max_steps, block_size,
+                            np.random.default_rng(seed))
+    result.n_matvecs = getattr(operator, "n_matvecs", 0) - products_before
+    return result
 
 
 def _iterative(
@@ -121,11 +126,11 @@ def _iterative(
     if method == "block_lanczos":
         steps = max_steps if max_steps is not None else max(2 * k, 20)
         values, vectors, residuals = _block_lanczos(operator, k, steps, block_size, start, rng)
-        return _result(values, vectors, residuals, method, operator)
+        return _result(values, vectors, residuals, method)
     if method == "lanczos":
         if max_steps is not None:
             values, vectors, residuals = _fixed_lanczos(operator, k, max_steps, start, rng)
-            return _result(values, vectors, residuals, "lanczos", operator)
+            return _result(values, vectors, residuals, "lanczos")
         if start is not None and start.ndim == 2:
             start = start.sum(axis=1)
         values, vectors = sla.eigsh(operator, k=k, which="LA", tol=tol or 0.0, v0=start,
@@ -135,7 +140,7 @@ def _iterative(
     order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]
     residuals = np.linalg.norm(operator.matmat(vectors) - vectors * values, axis=0)
-    return _result(values, vectors, residuals, method, operator)
+    return _result(values, vectors, residuals, method)
 
 
 def _contiguous(x: Tensor | np.ndarray) -> Tensor | np.ndarray:
@@ -143,13 +148,12 @@ def _contiguous(x: Tensor | np.ndarray) -> Tensor | np.ndarray:
     return np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x
 
 
-def _result(values, vectors, residuals, method: str, operator) -> EigenResult:
+def _result(values, vectors, residuals, method: str) -> EigenResult:
     return EigenResult(
         torch.as_tensor(np.ascontiguousarray(values)),
         torch.as_tensor(np.ascontiguousarray(vectors)),
         torch.as_tensor(np.ascontiguousarray(residuals)),
         method,
-        getattr(operator, "n_matvecs", 0),
     )
 
 

@@ -14,9 +14,7 @@ model's ops need vmap batching rules (most do).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
@@ -30,9 +28,10 @@ from ._model import (
     validate_outputs,
 )
 from .budget import check_budget, get_memory_budget
+from .kernel_operator import KernelOperator
 
 
-class NTKOperator(LinearOperator):
+class NTKOperator(KernelOperator):
     """Matrix-free eNTK of ``select(model(x))`` over ``inputs``; build it with :func:`ntk_operator`.
 
     Shape ``(N*C, N*C)`` for ``output="full"`` (index ``n*C + c``), ``(N, N)`` for
@@ -63,9 +62,7 @@ class NTKOperator(LinearOperator):
         self.n_examples = inputs.shape[0]
         self.n_outputs = first.shape[1]
         self.n_params = sum(v.numel() for v in self.values.values())
-        self.n_matvecs = 0
-        size = self.n_examples * (self.n_outputs if output == "full" else 1)
-        super().__init__(dtype=np.float64, shape=(size, size))
+        super().__init__(self.n_examples * (self.n_outputs if output == "full" else 1))
 
     @property
     def _param_dtype(self) -> torch.dtype:
@@ -111,7 +108,7 @@ class NTKOperator(LinearOperator):
                     f"a jvp rule. Original error: {err}"
                 ) from err
             result[part] = pushed.permute(1, 2, 0)
-        self.n_matvecs += k
+        self._count(k)
         return result
 
     def matmat_torch(self, vectors: Tensor) -> Tensor:
@@ -132,16 +129,6 @@ class NTKOperator(LinearOperator):
                 res = self._full_matmat(block.reshape(n, c, k))
                 out.append(res.reshape(n * c, k))
         return torch.cat(out, dim=1)
-
-    def _matmat(self, x: np.ndarray) -> np.ndarray:
-        tensor = torch.as_tensor(np.asarray(x, dtype=np.float64))
-        return self.matmat_torch(tensor).detach().cpu().double().numpy()
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matmat(np.asarray(x).reshape(-1, 1)).reshape(-1)
-
-    def _adjoint(self) -> NTKOperator:
-        return self  # symmetric
 
     def to_dense(self) -> Tensor:
         """The whole kernel (dim, dim) by applying the operator to the identity (small cases)."""

@@ -83,7 +83,7 @@ def locate_weight(model: nn.Module, name: str) -> WeightSite:
     """
     params = dict(model.named_parameters())
     if name not in params:
-        close = [n for n in params if n.endswith(name.split(".")[-2] + ".weight")][:4]
+        close = [n for n in params if n.endswith("." + name)][:4]
         raise ValueError(f"weight={name!r} is not a parameter of the model; give its full name "
                          f"in model.named_parameters(), e.g. {close or list(params)[:2]}")
     owner_name, _, leaf = name.rpartition(".")
