@@ -70,8 +70,7 @@ def test_hidden_kernel_matches_brute_force(arch, kind, layer) -> None:
         assert _rel(dense, expected) < 1e-6, (last_position, op.route)
         assert op.n_matvecs == N * WIDTH
         # the structured route: the weight sits downstream of attention in the last block
-        structured = last_position is None and layer == LAYERS - 1 and (
-            kind != "attention input" or WEIGHTS[name][2].endswith("q_proj"))
+        structured = last_position is None and layer == LAYERS - 1 and kind != "attention input"
         assert op.route == ("structured" if structured else "tail")
 
 

@@ -8,21 +8,25 @@ output by ``o``. Autograd records only what depends on ``o``, so a product throu
 costs what lies downstream of the weight, never a copy of the model's code.
 
 The last-position shortcut (``last_position=True``): the last block only needs its output at
-the last position, so forward hooks on the model's own modules narrow it there: the query
-projection, the attention output projection and the MLP see the last position only, and the
-attention function (the model's own, through ``transformers``' ``AttentionInterface``) gets the
-last query row with keys and values at every position. It is on by default for the
-architectures in :data:`LAST_POSITION_TESTED`, where tests check it against the full model;
-every operator also checks at build time that the tail reproduces the prefix pass's
-``last_hidden_state[:, -1]``. If the weight sits in the last block downstream of attention,
-its output matters at the last position only: ``positions`` is then 1.
+the last position. It is called twice, both times by its own code. First on the whole
+sequence, its attention module given a stand-in key-value cache that records the keys and
+values (normed and rotated by the model's code) at every position and stops the forward
+there; then on the last position alone, the attention given those keys and values through
+the same cache, the last row of its mask and the last position's rotary embedding. Queries,
+attention output and MLP are then computed at the last position only, and nothing of the
+first call but the keys and values enters the products. It is on by default for the
+architectures in :data:`LAST_POSITION_TESTED`, where tests check it against the full model,
+and off for a weight of the last block's attention that runs before its cache (queries,
+keys, values). Every operator also checks at build time that the tail reproduces the
+prefix pass's ``last_hidden_state[:, -1]``. If the weight sits in the last block downstream
+of attention, its output matters at the last position only: ``positions`` is then 1.
 """
 
 from __future__ import annotations
 
-import sys
+import inspect
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,80 +38,79 @@ from .prefix import Prefix
 # model_type values whose last-position shortcut tests/test_lm_operator.py checks against
 # brute-force Jacobians of the full model
 LAST_POSITION_TESTED = frozenset({"gpt2", "llama", "qwen2", "gpt_neox", "gemma3_text"})
-_ATTENTION_NAME = "entk_last_query"
-_OUT_PROJ_NAMES = ("o_proj", "c_proj", "dense", "out_proj")
+_CACHE_NAMES = ("cache", "past_key_values", "layer_past", "past_key_value")
 
 
-class _ConfigView:
-    """An attention module's config, but dispatching to the last-query attention function."""
-
-    def __init__(self, config: Any, attention: Callable[..., Any]) -> None:
-        self._config = config
-        self._attn_implementation = _ATTENTION_NAME
-        self.entk_attention = attention
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._config, name)
+class _StopForwardError(Exception):
+    """Ends the last block's first call once keys and values are known."""
 
 
-def _last_query_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                          attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Any]:
-    """The module's own attention function on the last query row; (B, T, H, hd) by expansion."""
-    mask = attention_mask[..., -1:, :] if isinstance(attention_mask, Tensor) else attention_mask
-    out, weights = module.config.entk_attention(module, query[..., -1:, :], key, value, mask,
-                                                **kwargs)
-    return out.expand(*out.shape[:-3], query.shape[-2], *out.shape[-2:]), weights
+class _KeysValues:
+    """A stand-in key-value cache: records the first ``update`` and stops the forward there,
+    then hands the recorded keys and values to the next one."""
+
+    def __init__(self) -> None:
+        self.recorded: tuple[Tensor, Tensor] | None = None
+
+    def update(self, key: Tensor, value: Tensor, *_args: Any, **_kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        if self.recorded is None:
+            self.recorded = (key, value)
+            raise _StopForwardError
+        return self.recorded
 
 
-def _register_attention() -> None:
-    from transformers import AttentionInterface
+class _LastPosition:
+    """Runs the last block for its output at the last position only (see the module doc).
 
-    AttentionInterface.register(_ATTENTION_NAME, _last_query_attention)
+    The attention module's arguments are bound by name (``inspect.signature``): the cache
+    (``cache`` / ``past_key_values`` / ``layer_past``) is replaced by :class:`_KeysValues`;
+    in the second call the ``attention_mask`` keeps its last query row and the rotary
+    ``position_embeddings`` their last position.
+    """
 
+    def __init__(self, block: nn.Module) -> None:
+        attn = [m for m in block.children() if type(m).__name__.endswith("Attention")]
+        names = set(inspect.signature(attn[0].forward).parameters) if len(attn) == 1 else set()
+        cache = [n for n in _CACHE_NAMES if n in names]
+        if not cache:
+            raise ValueError(f"cannot narrow {type(block).__name__} to the last position: no "
+                             "single attention module taking a key-value cache; pass "
+                             "last_position=False")
+        self.block, self.attention, self.cache_name = block, attn[0], cache[0]
+        self.signature = inspect.signature(attn[0].forward)
 
-def _last_position_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    if not args:
-        raise ValueError("the last-position shortcut needs the hidden states as the first "
-                         "positional argument of the attention projection and MLP; pass "
-                         "last_position=False")
-    return (args[0][..., -1:, :].contiguous(), *args[1:])
+    def _with(self, cache: _KeysValues, last: bool) -> Callable[..., Any]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            bound = self.signature.bind(*args, **kwargs)
+            bound.arguments[self.cache_name] = cache
+            if last:
+                mask = bound.arguments.get("attention_mask")
+                if isinstance(mask, Tensor):
+                    bound.arguments["attention_mask"] = mask[..., -1:, :]
+                rotary = bound.arguments.get("position_embeddings")
+                if rotary is not None:
+                    bound.arguments["position_embeddings"] = tuple(r[..., -1:, :] for r in rotary)
+            return bound.args, bound.kwargs
 
+        return hook
 
-@contextmanager
-def _last_position(block: nn.Module) -> Iterator[None]:
-    """Hooks that narrow ``block`` to its output at the last position (see the module doc)."""
-    attn = [m for m in block.children() if type(m).__name__.endswith("Attention")]
-    out_proj = [getattr(attn[0], n) for n in _OUT_PROJ_NAMES if hasattr(attn[0], n)] if attn else []
-    original = getattr(sys.modules[type(attn[0]).__module__], "eager_attention_forward",
-                       None) if attn else None
-    mlp = getattr(block, "mlp", None)
-    if len(attn) != 1 or not out_proj or original is None or mlp is None:
-        raise ValueError(f"cannot narrow {type(block).__name__} to the last position (no single "
-                         "attention module with an output projection and eager attention "
-                         "function, or no mlp); pass last_position=False")
-    _register_attention()
-    attention, config = attn[0], attn[0].config
-    length: list[int] = []
-    hooks = [out_proj[0].register_forward_pre_hook(_last_position_input),
-             mlp.register_forward_pre_hook(_last_position_input)]
-    query = getattr(attention, "q_proj", None)  # a separate query projection: last row only
-    if isinstance(query, nn.Module):
-
-        def narrow(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            length.append(args[0].shape[-2])
-            return _last_position_input(module, args)
-
-        def widen(_module: nn.Module, _args: Any, out: Tensor) -> Tensor:
-            return out.expand(*out.shape[:-2], length.pop(), out.shape[-1])
-
-        hooks += [query.register_forward_pre_hook(narrow), query.register_forward_hook(widen)]
-    attention.config = _ConfigView(config, original)
-    try:
-        yield
-    finally:
-        attention.config = config
-        for h in hooks:
-            h.remove()
+    def __call__(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """``x`` (B, T, d) -> the block's output (B, 1, d) at the last position."""
+        cache = _KeysValues()
+        for last, inputs in ((False, x), (True, x[..., -1:, :])):
+            handle = self.attention.register_forward_pre_hook(self._with(cache, last),
+                                                              with_kwargs=True)
+            try:
+                out = self.block(inputs, *args, **kwargs)
+            except _StopForwardError:
+                pass
+            finally:
+                handle.remove()
+        if cache.recorded is None:
+            raise ValueError(f"{type(self.block).__name__}'s attention did not update its cache; "
+                             "pass last_position=False")
+        return out[0] if isinstance(out, tuple) else out
 
 
 class Tail:
@@ -117,7 +120,7 @@ class Tail:
         model: the causal LM (eval mode; eager attention).
         prefix: the weight's :class:`~entk_helpers.lm.prefix.Prefix` (block arguments).
         last_position: narrow the last block to the last position; ``None``: on for
-            :data:`LAST_POSITION_TESTED`.
+            :data:`LAST_POSITION_TESTED`. ``last_position`` (attribute): whether it is used.
     Attributes:
         positions: P, the positions of ``o`` that the tail reads (T, or 1 when the weight is
             in the last block downstream of attention and the shortcut is on).
@@ -133,28 +136,39 @@ class Tail:
         self.calls = prefix.block_calls
         if last_position is None:
             last_position = getattr(model.config, "model_type", None) in LAST_POSITION_TESTED
-        self.last_position = bool(last_position)
-        seen: list[int] = []
-        with torch.no_grad(), self._hooks(lambda out: seen.append(out.shape[-2])):
-            self._run(prefix.hidden_in[:1])
+        self._last = _LastPosition(self.blocks[-1]) if last_position else None
+        seen = self._probe(prefix.hidden_in[:1])
+        if len(seen) == 2 and self._last is not None:  # in the last attention, before its cache
+            self._last = None
+            seen = self._probe(prefix.hidden_in[:1])
+        self.last_position = self._last is not None
         if len(seen) != 1:
             raise ValueError(f"{prefix.weight}'s module ran {len(seen)} times in one pass of "
                              "its block; the layer eNTK needs a module called once")
         self.positions = seen[0]
 
+    def _probe(self, x: Tensor) -> list[int]:
+        """The sequence lengths of the module's outputs in one pass of the tail over ``x``."""
+        seen: list[int] = []
+        with torch.no_grad(), self._hooks(lambda out: seen.append(out.shape[-2])):
+            self._run(x)
+        return seen
+
     @contextmanager
     def _hooks(self, replace: Callable[[Tensor], Tensor | None]) -> Iterator[None]:
-        with ExitStack() as stack:
-            handle = self.module.register_forward_hook(lambda _m, _a, out: replace(out))
-            stack.callback(handle.remove)
-            if self.last_position:
-                stack.enter_context(_last_position(self.blocks[-1]))
+        handle = self.module.register_forward_hook(lambda _m, _a, out: replace(out))
+        try:
             yield
+        finally:
+            handle.remove()
 
     def _run(self, x: Tensor) -> Tensor:
-        for block, (args, kwargs) in zip(self.blocks, self.calls):
-            out = block(x, *args, **kwargs)
-            x = out[0] if isinstance(out, tuple) else out
+        for i, (block, (args, kwargs)) in enumerate(zip(self.blocks, self.calls)):
+            if self._last is not None and i == len(self.blocks) - 1:
+                x = self._last(x, args, kwargs)
+            else:
+                out = block(x, *args, **kwargs)
+                x = out[0] if isinstance(out, tuple) else out
         return self.norm(x[..., -1, :])
 
     def __call__(self, o: Tensor, x: Tensor) -> Tensor:
