@@ -5,8 +5,9 @@ on the same N windows of T tokens (``<bos>`` + T story tokens, as notebook 03): 
 operator runs a hand-written copy of Gemma's last block at the last position, the new one
 the model's own blocks through forward hooks (:mod:`entk_helpers.lm.tail`). Products of the
 two alternate on the same random vectors, after one warm-up each, so that a busy machine
-slows both alike; the script prints the median seconds per product, the ratio new / old,
-the build times and the relative difference of the two products.
+slows both alike; the script prints the median seconds per product (wall clock, and the
+process's CPU time, which a shared machine disturbs less), their ratios new / old, the build
+times (prefix pass included) and the relative difference of the two products.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_lm_layer_entk.py --n 16 --T 64 --layers 16 17
 """
@@ -49,8 +50,11 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=64)
     parser.add_argument("--layers", type=int, nargs="+", default=[16, 17])
     parser.add_argument("--products", type=int, default=8, help="timed products per operator")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tok, info = gemma.load_gemma(device)
     ids = windows(tok, args.n, args.T)
@@ -71,29 +75,34 @@ def main() -> None:
                                output="logits", s_half=s_half)
         build_new = time.perf_counter() - t0
         times: dict[str, list[float]] = {"old": [], "new": []}
+        cpu: dict[str, list[float]] = {"old": [], "new": []}
         diffs = []
         for i in range(args.products + 1):
             x = rng.standard_normal(new.shape[0])
             out = {}
             for name, op in (("old", old_op), ("new", new)) if i % 2 else (("new", new),
                                                                           ("old", old_op)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out[name] = op.matvec(x)
                 if i:  # the first product of each is a warm-up
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
             diffs.append(np.abs(out["new"] - out["old"]).max() / np.abs(out["old"]).max())
         t_old, t_new = np.median(times["old"]), np.median(times["new"])
-        rows.append((L, f"{old.route} / {new.route}", t_old, t_new, t_new / t_old, build_old,
+        c_old, c_new = np.median(cpu["old"]), np.median(cpu["new"])
+        rows.append((L, f"{old.route} / {new.route}", t_old, t_new, c_old, c_new, build_old,
                      build_new, max(diffs)))
-        print(f"layer {L}: old {t_old:.4f} s, new {t_new:.4f} s per product (x{t_new / t_old:.2f})"
-              f"; build {build_old:.1f} s / {build_new:.1f} s; new plan: "
-              f"{new.memory_plan or new.route}; max rel. difference {max(diffs):.1e}", flush=True)
-    print("\n| layer | route (old / new) | old s / product | new s / product | new / old "
-          "| build old (s) | build new (s) | max rel. difference |")
+        print(f"layer {L}: old {t_old:.4f} s, new {t_new:.4f} s per product (x{t_new / t_old:.2f}"
+              f"; CPU x{c_new / c_old:.2f}); build {build_old:.1f} s / {build_new:.1f} s; new "
+              f"plan: {new.memory_plan or new.route}; max rel. difference {max(diffs):.1e}",
+              flush=True)
+    print("\n| layer | route (old / new) | s / product, old / new | new / old | CPU s / product, "
+          "old / new | new / old | build (s), old / new | max rel. difference |")
     print("|---|---|---|---|---|---|---|---|")
-    for L, route, t_old, t_new, ratio, b_old, b_new, diff in rows:
-        print(f"| {L} | {route} | {t_old:.4f} | {t_new:.4f} | {ratio:.2f} | {b_old:.1f} | "
-              f"{b_new:.1f} | {diff:.1e} |")
+    for L, route, t_old, t_new, c_old, c_new, b_old, b_new, diff in rows:
+        print(f"| {L} | {route} | {t_old:.4f} / {t_new:.4f} | {t_new / t_old:.2f} | "
+              f"{c_old:.4f} / {c_new:.4f} | {c_new / c_old:.2f} | {b_old:.1f} / {b_new:.1f} | "
+              f"{diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .features import (
     rotate_by_laplacians,
     subspace_overlap,
 )
+from .kernel_operator import KernelOperator
 from .kernels import empirical_ntk, layerwise_ntk
 from .operators import NTKOperator, ntk_operator
 
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Cliff",
     "EigenResult",
+    "KernelOperator",
     "MemoryBudgetError",
     "NTKOperator",
     "chance_overlap",

@@ -155,3 +155,22 @@ def test_bad_arguments_say_what_to_do() -> None:
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="eager"):
         layer_ntk_operator(model, ids, weight=layer_weight(model, 0, "mlp.c_proj"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_the_papers_route_through_ntk_operator_gives_the_same_logit_kernel(name: str) -> None:
+    """The paper's route, every product rerunning the whole model (the package's generic
+    ``ntk_operator`` on ``h S^(1/2)``), against the tail route (the baseline that replaces
+    ``gemma.paper_route_operator``)."""
+    from entk_helpers import ntk_operator
+    from entk_helpers.lm import sqrt_psd, unembedding_gram
+
+    model = tiny_model(name)
+    ids = torch.randint(0, VOCAB, (N, T))
+    weight = layer_weight(model, 1, WEIGHTS[name][1])
+    s_half = sqrt_psd(unembedding_gram(model))
+    ours = layer_ntk_operator(model, ids, weight=weight, output="logits", s_half=s_half)
+    paper = ntk_operator(model.base_model, ids, params=weight.removeprefix(
+        model.base_model_prefix + "."), select=lambda out: out.last_hidden_state[:, -1] @ s_half)
+    X = torch.randn(N * WIDTH, 2, dtype=torch.float64)
+    assert _rel(paper.matmat_torch(X), ours.matmat_torch(X)) < 1e-6
