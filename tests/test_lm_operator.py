@@ -174,3 +174,17 @@ def test_the_papers_route_through_ntk_operator_gives_the_same_logit_kernel(name:
         model.base_model_prefix + "."), select=lambda out: out.last_hidden_state[:, -1] @ s_half)
     X = torch.randn(N * WIDTH, 2, dtype=torch.float64)
     assert _rel(paper.matmat_torch(X), ours.matmat_torch(X)) < 1e-6
+
+
+def test_a_tail_that_does_not_reproduce_the_model_is_refused() -> None:
+    """The build-time check: the tail's output at the prefix must be the model's."""
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, VOCAB, (N, T))
+    for layer in (0, LAYERS - 1):  # the tail and the structured routes
+        weight = layer_weight(model, layer, "mlp.down_proj")
+        prefix = capture_prefix(model, ids, weight)[weight]
+        prefix.hidden_last = prefix.hidden_last + 1e-2 * prefix.hidden_last.abs().max()
+        with pytest.raises(RuntimeError, match="does not reproduce"):
+            LayerNTKOperator(model, prefix)
+        with pytest.raises(RuntimeError, match="does not reproduce"):
+            LayerNTKOperator(model, prefix, store_vjp=False)  # the check without a stored VJP

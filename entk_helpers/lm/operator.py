@@ -242,7 +242,6 @@ class LayerNTKOperator(KernelOperator):
             G[c] = rows[:, :, 0].transpose(0, 1)
         a_last = self._flat  # (N, in): one position per window
         A = a_last @ a_last.T
-        self._G = G
 
         def apply(V: Tensor) -> Tensor:
             Z = torch.einsum("nio,nib->nob", G, V)

@@ -45,10 +45,6 @@ class Prefix:
     hidden_last: Tensor
     block_calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
 
-    @property
-    def n(self) -> int:
-        return self.hidden_in.shape[0]
-
 
 def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
