@@ -20,8 +20,11 @@ WEIGHTS = {
 }
 
 
-def tiny_model(kind: str, layers: int = LAYERS, seed: int = 0) -> nn.Module:
-    """A random ``kind`` causal LM: width 32, 50 tokens, ``layers`` blocks, eager attention."""
+def tiny_model(kind: str, layers: int = LAYERS, seed: int = 0, sliding_last: bool = False
+               ) -> nn.Module:
+    """A random ``kind`` causal LM: width 32, 50 tokens, ``layers`` blocks, eager attention.
+
+    ``sliding_last``: Gemma-3 only, the last block's attention a sliding window too."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -41,7 +44,8 @@ def tiny_model(kind: str, layers: int = LAYERS, seed: int = 0) -> nn.Module:
     elif kind == "gpt_neox":
         model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(num_attention_heads=4, **rope, **common))
     elif kind == "gemma3_text":
-        types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+        types = ["sliding_attention"] * (layers - 1) + [
+            "sliding_attention" if sliding_last else "full_attention"]
         model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
             sliding_window=4, layer_types=types, **rope, **common))

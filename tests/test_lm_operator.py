@@ -188,3 +188,19 @@ def test_a_tail_that_does_not_reproduce_the_model_is_refused() -> None:
             LayerNTKOperator(model, prefix)
         with pytest.raises(RuntimeError, match="does not reproduce"):
             LayerNTKOperator(model, prefix, store_vjp=False)  # the check without a stored VJP
+
+
+def test_the_shortcut_keeps_a_sliding_window_in_the_last_block() -> None:
+    """Gemma-3 with a sliding window (4 < T) in its last block: the mask's last row says so."""
+    model = tiny_model("gemma3_text", sliding_last=True)
+    ids = torch.randint(0, VOCAB, (N, T))
+    for path in ("mlp.down_proj", "self_attn.k_proj"):
+        weight = layer_weight(model, LAYERS - 1, path)
+        J = hidden_jacobian(model, ids, weight)
+        op = layer_ntk_operator(model, ids, weight=weight)
+        assert _rel(op.to_dense(), J @ J.T) < 1e-6
+    weight = layer_weight(model, 0, "mlp.down_proj")
+    prefix = capture_prefix(model, ids, weight)[weight]
+    assert Tail(model, prefix).last_position
+    J = hidden_jacobian(model, ids, weight)
+    assert _rel(LayerNTKOperator(model, prefix).to_dense(), J @ J.T) < 1e-6
