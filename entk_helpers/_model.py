@@ -195,11 +195,14 @@ def warn_low_precision(reference: Tensor, what: str) -> None:
         )
 
 
-def check_examples_independent(fn: ModelOutputs, x1: Tensor, x2: Tensor) -> None:
+def check_examples_independent(
+    fn: ModelOutputs, x1: Tensor, x2: Tensor, random_ok: bool = True
+) -> None:
     """Probe: each example's outputs computed alone must equal those computed in a batch.
 
     A train-mode model whose outputs are random (dropout) gets a warning instead (the probe
-    cannot tell randomness from mixing). Costs a few forward passes on two examples.
+    cannot tell randomness from mixing), or a ValueError when not ``random_ok``. Costs a few
+    forward passes on two examples.
     """
     if x1.shape[0] >= 2:
         pair = x1[:2]
@@ -212,6 +215,12 @@ def check_examples_independent(fn: ModelOutputs, x1: Tensor, x2: Tensor) -> None
         together = fn(values, pair)
         if any(m.training for m in fn.model.modules()) and \
                 not torch.equal(together, fn(values, pair)):
+            if not random_ok:
+                raise ValueError(
+                    "the model is in train mode and its outputs are random (dropout?): a "
+                    "matrix-free kernel must be the same matrix in every product. Call "
+                    "model.eval() first."
+                )
             warnings.warn(
                 "the model is in train mode and its outputs are random (dropout?): the eNTK "
                 "is then that of one random draw. Call model.eval() first.",
