@@ -26,11 +26,15 @@ reproduce: setup
 	$(PY) scripts/run_notebooks.py
 
 ## test: lint, unit tests, and every notebook under nbval
-# nbval runs the notebooks in file order, so 04 reuses what 01-03 saved. The cell timeout is
-# generous: this 2-core VM has had days when a process got a quarter of a core.
+# nbval runs the notebooks in file order, so 04 reuses what 01-03 saved: all of them write to
+# one fresh temporary folder (ENTK_RESULTS_DIR), removed afterwards, so the tests never touch
+# the committed results/ (make reproduce writes those). The cell timeout is generous: this
+# 2-core VM has had days when a process got a quarter of a core.
 test: setup lint
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
-		--nbval-cell-timeout=3600 -p no:cacheprovider
+	@results="$$(mktemp -d "$${TMPDIR:-/tmp}/entk-test-results.XXXXXX")" && \
+		trap 'rm -rf "$$results"' EXIT && echo "test results in $$results (removed after)" && \
+		ENTK_RESULTS_DIR="$$results" $(PY) -m pytest tests notebooks --nbval-lax \
+		--nbval-current-env --nbval-cell-timeout=3600 -p no:cacheprovider
 
 unit: setup
 	$(PY) -m pytest tests -q

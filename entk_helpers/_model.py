@@ -8,6 +8,8 @@ function of those parameters and checks that it is a finite ``(N, C)`` matrix.
 from __future__ import annotations
 
 import fnmatch
+import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -142,6 +144,110 @@ class ModelOutputs:
 
     def detached(self) -> dict[str, Tensor]:
         return {name: p.detach() for name, p in self.params.items()}
+
+
+def check_chunk_size(chunk_size: Any) -> int | None:
+    """``chunk_size`` as given by the user: None or a positive integer."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size={chunk_size!r} is not an integer; pass a positive number "
+                        "of examples per chunk, or None to size the chunks to the memory budget")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}; pass a positive number of examples per "
+                         "chunk, or None to size the chunks to the memory budget")
+    return int(chunk_size)
+
+
+def check_inputs(x: Any, name: str, reference: Tensor) -> Tensor:
+    """``x``: a non-empty ``(N, ...)`` tensor on ``reference``'s device (floating point
+    inputs in its dtype); a clear error naming ``name`` otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor with the examples along dim 0, got a "
+            f"{type(x).__name__}; build one with torch.stack(...) or torch.tensor(...)."
+        )
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} has no examples (shape {tuple(x.shape)}); pass a batch "
+                         "(N, ...) with N >= 1.")
+    if x.is_floating_point() and x.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} is {x.dtype} but the model's parameters are {reference.dtype}; convert "
+            f"the inputs ({name}.to({reference.dtype})) or the model (model.to(...)) first."
+        )
+    if x.device != reference.device:
+        raise ValueError(f"{name} is on {x.device} but the model's parameters are on "
+                         f"{reference.device}; move them with {name}.to('{reference.device}').")
+    return x
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def warn_low_precision(reference: Tensor, what: str) -> None:
+    """Warn that a half-precision model's Jacobians carry half-precision round-off."""
+    if reference.dtype in LOW_PRECISION:
+        warnings.warn(
+            f"the model's parameters are {reference.dtype}: its forward and backward passes "
+            f"carry relative errors near {torch.finfo(reference.dtype).eps:.0e}; {what}. For "
+            "an accurate kernel convert the model and inputs to float32 first.",
+            UserWarning, stacklevel=3,
+        )
+
+
+def check_examples_independent(
+    fn: ModelOutputs, x1: Tensor, x2: Tensor, random_ok: bool = True
+) -> None:
+    """Probe: each example's outputs computed alone must equal those computed in a batch.
+
+    A train-mode model whose outputs are random (dropout) gets a warning instead (the probe
+    cannot tell randomness from mixing), or a ValueError when not ``random_ok``. Costs a few
+    forward passes on two examples.
+    """
+    if x1.shape[0] >= 2:
+        pair = x1[:2]
+    elif x2.shape[0] >= 1 and x2.shape[1:] == x1.shape[1:] and x2.dtype == x1.dtype:
+        pair = torch.cat([x1[:1], x2[:1]])
+    else:
+        pair = x1
+    values = fn.detached()
+    with torch.no_grad():
+        together = fn(values, pair)
+        if any(m.training for m in fn.model.modules()) and \
+                not torch.equal(together, fn(values, pair)):
+            if not random_ok:
+                raise ValueError(
+                    "the model is in train mode and its outputs are random (dropout?): a "
+                    "matrix-free kernel must be the same matrix in every product. Call "
+                    "model.eval() first."
+                )
+            warnings.warn(
+                "the model is in train mode and its outputs are random (dropout?): the eNTK "
+                "is then that of one random draw. Call model.eval() first.",
+                UserWarning, stacklevel=3,
+            )
+            return
+        if pair.shape[0] < 2:
+            return
+        try:
+            alone = torch.cat([fn(values, pair[i : i + 1]) for i in range(pair.shape[0])])
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(
+                "the model fails on one example alone, so its outputs depend on the batch "
+                "(batch norm in train mode? call model.eval()); the eNTK needs each "
+                f"example's outputs on their own. The error on one example: {err}"
+            ) from err
+    scale = float(torch.maximum(together.abs().max(), alone.abs().max()))
+    tolerance = torch.finfo(together.dtype).eps ** 0.5 * scale
+    gap = float((together - alone).abs().max())
+    if gap > tolerance:
+        raise ValueError(
+            "the outputs of one example depend on the other examples in its batch (an "
+            f"example alone and in a batch of two differ by {gap:.2e}, outputs up to "
+            f"{scale:.2e}), so the eNTK would be wrong. Common causes: a select= that mixes "
+            "rows (e.g. out - out.mean(0)), batch norm in train mode (call model.eval()). "
+            "The model and select= must act on each example separately."
+        )
 
 
 def chunks(n: int, size: int) -> list[slice]:

@@ -13,6 +13,7 @@ variable ``ENTK_MEMORY_BUDGET`` (e.g. ``8GB``).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -30,13 +31,26 @@ class MemoryBudgetError(MemoryError):
 
 
 def parse_bytes(size: int | float | str) -> int:
-    """``"4GB"``, ``"512 MiB"``, ``2e9`` -> a number of bytes."""
-    if isinstance(size, (int, float)):
-        return int(size)
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", size)
-    if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read {size!r} as a memory size; write e.g. '4GB' or '512MiB'")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    """``"4GB"``, ``"512 MiB"``, ``2e9`` -> a positive number of bytes (ValueError else)."""
+    if isinstance(size, bool) or not isinstance(size, (int, float, str)):
+        raise TypeError(f"cannot read {size!r} as a memory size; pass a number of bytes or a "
+                        "string like '4GB' or '512MiB'")
+    if isinstance(size, str):
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", size)
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"cannot read {size!r} as a memory size; write e.g. '4GB' or "
+                             "'512MiB'")
+        try:
+            value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+        except ValueError as err:
+            raise ValueError(f"cannot read {size!r} as a memory size; write e.g. '4GB' or "
+                             "'512MiB'") from err
+    else:
+        value = float(size)
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"a memory budget of {size!r} makes no sense; give a positive size "
+                         "such as '4GB' (or None for the default: half the device's memory)")
+    return int(value)
 
 
 def format_bytes(n: float) -> str:
@@ -63,7 +77,10 @@ def get_memory_budget(device: torch.device | str | None = None) -> int:
     if _budget_override is not None:
         return _budget_override
     if os.environ.get("ENTK_MEMORY_BUDGET"):
-        return parse_bytes(os.environ["ENTK_MEMORY_BUDGET"])
+        try:
+            return parse_bytes(os.environ["ENTK_MEMORY_BUDGET"])
+        except ValueError as err:
+            raise ValueError(f"ENTK_MEMORY_BUDGET: {err}. Fix or unset the variable.") from err
     return _available_bytes(torch.device(device or "cpu")) // 2
 
 

@@ -16,6 +16,7 @@ picked by eye: a drop is a log-gap much larger than the typical log-gap of the s
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ class EigenResult:
     """Top eigenpairs. ``values`` (k,) descending, ``vectors`` (n, k) orthonormal columns,
     ``residuals`` (k,) = ``||A v_i - values_i v_i||``; ``n_matvecs``: for matrix-free runs,
     the products of this solve, read from the operator's counter (``KernelOperator.n_matvecs``;
-    0 for operators without one)."""
+    0 for operators without one; a symmetry probe before the solve is not counted)."""
 
     values: Tensor
     vectors: Tensor
@@ -73,20 +74,35 @@ def top_eigenpairs(
             50 steps for the top 25); block Lanczos: this many products in all, in blocks of
             ``block_size`` (default ``max(2 k, 20)``); block: at most this many iterations.
         block_size: block Lanczos only: vectors per product (one ``operator.matmat`` call).
-        seed: for the random start vectors.
+        seed: for the random start vectors (and the operator probe): the same call gives
+            the same vectors.
 
     Returns:
         :class:`EigenResult` (float64 tensors on the CPU for operators, on the input's device
-        for dense tensors).
+        for dense tensors). Each eigenvector's sign is fixed: its largest-magnitude entry
+        is positive.
+
+    Raises:
+        ValueError: a non-symmetric or non-finite kernel (operators are probed with two
+            random vectors, except block Lanczos and fixed-step Lanczos, which check the
+            symmetry of their own products), a bad ``k`` or ``v0``.
     """
     if method not in EIGEN_METHODS:
         raise ValueError(f"method={method!r}; choose one of {EIGEN_METHODS}")
     is_matrix = isinstance(kernel_or_operator, (Tensor, np.ndarray))
-    n = kernel_or_operator.shape[0]
-    if kernel_or_operator.shape != (n, n):
-        raise ValueError(f"expected a square (n, n) kernel, got {tuple(kernel_or_operator.shape)}")
+    if not is_matrix and not isinstance(kernel_or_operator, sla.LinearOperator):
+        raise TypeError(f"kernel_or_operator is a {type(kernel_or_operator).__name__}; pass a "
+                        "square tensor / array or a scipy LinearOperator (ntk_operator)")
+    shape = tuple(kernel_or_operator.shape)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"expected a square (n, n) kernel, got {shape}")
+    n = shape[0]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k={k!r}: the number of eigenpairs must be an integer 1..{n}")
+    k = int(k)
     if not 1 <= k <= n:
         raise ValueError(f"asked for k={k} eigenpairs of a {n} x {n} kernel; k must be 1..{n}")
+    start = None if v0 is None else _check_v0(v0, n)
     if method == "auto":
         if is_matrix:
             method = "dense"
@@ -96,25 +112,101 @@ def top_eigenpairs(
         if not is_matrix:
             raise ValueError("method='dense' needs a matrix; for an operator use 'lanczos' or "
                              "'block' (or operator.to_dense() when it is small)")
-        return _dense(torch.as_tensor(_contiguous(kernel_or_operator)), k)
+        matrix = torch.as_tensor(_contiguous(kernel_or_operator))
+        _check_finite_matrix(matrix)
+        return _dense(matrix, k)
     if not is_matrix and k >= n:
         raise ValueError(f"matrix-free methods need k < n (k={k}, n={n}); use "
                          "operator.to_dense() and method='dense' for a kernel this small")
-    operator = sla.aslinearoperator(
-        kernel_or_operator.detach().cpu().double().numpy()
-        if isinstance(kernel_or_operator, Tensor) else kernel_or_operator
-    )
-    start = None if v0 is None else np.asarray(
-        torch.as_tensor(_contiguous(v0)).detach().cpu().double())
-    products_before = getattr(operator, "n_matvecs", 0)  # the KernelOperator counter
+    if is_matrix:
+        matrix = np.asarray(torch.as_tensor(_contiguous(kernel_or_operator)).detach().cpu()
+                            .double())
+        _check_finite_matrix(torch.as_tensor(matrix))
+        _check_symmetric(float(np.abs(matrix - matrix.T).max()), float(np.abs(matrix).max()),
+                         _matrix_symmetry_tolerance(torch.as_tensor(
+                             _contiguous(kernel_or_operator)).dtype), "max |K - K^T| / max |K|")
+        operator = sla.aslinearoperator(matrix)
+    else:
+        operator = kernel_or_operator
     # numpy's BLAS on one thread: its bookkeeping here is small, and between steps its idle
     # worker threads spin and take the cores from the products' torch threads (top 25 of
     # layer 16 of Gemma-3-270M, N = 16, 2 cores: 7.8 s -> 3.9 s; benchmarks/README.md)
+    rng = np.random.default_rng(seed)
     with threadpool_limits(limits=1, user_api="blas"):
-        result = _iterative(operator, k, method, tol, start, max_steps, block_size,
-                            np.random.default_rng(seed))
+        if not is_matrix and not (method == "block_lanczos" or
+                                  (method == "lanczos" and max_steps is not None)):
+            _probe_operator(operator, rng)
+        products_before = getattr(operator, "n_matvecs", 0)  # the KernelOperator counter
+        result = _iterative(operator, k, method, tol, start, max_steps, block_size, rng)
     result.n_matvecs = getattr(operator, "n_matvecs", 0) - products_before
     return result
+
+
+# A product of a symmetric operator that computes in float32 inside (ntk_operator of a
+# float32 model, LayerEntk) is symmetric to ~1e-6 relative; a non-symmetric one to order 1.
+OPERATOR_SYMMETRY_TOL = 1e-3
+
+
+def _matrix_symmetry_tolerance(dtype: torch.dtype) -> float:
+    # float64 kernels are often float32 kernels cast up (float32 round-off, ~1e-7 relative);
+    # a kernel of two different input sets is asymmetric at order 1.
+    return 1e-4 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-5
+
+
+def _check_v0(v0: Tensor | np.ndarray, n: int) -> np.ndarray:
+    """``v0`` as a finite float64 ``(n,)`` or ``(n, j)`` array (ARPACK once crashed the
+    interpreter on a start vector of the wrong length)."""
+    if not isinstance(v0, (Tensor, np.ndarray)):
+        v0 = np.asarray(v0, dtype=np.float64)
+    start = np.asarray(torch.as_tensor(_contiguous(v0)).detach().cpu().double())
+    if start.ndim not in (1, 2) or start.shape[0] != n or start.size == 0:
+        raise ValueError(f"v0 has shape {start.shape}; the kernel is {n} x {n}, so pass "
+                         f"({n},) or ({n}, j) start vectors")
+    if not np.isfinite(start).all() or not np.abs(start).max() > 0:
+        raise ValueError("v0 is zero or contains NaN / inf; pass finite, nonzero start "
+                         "vectors (or None for random ones)")
+    return start
+
+
+def _check_finite_matrix(matrix: Tensor) -> None:
+    if not torch.isfinite(matrix).all():
+        bad = int((~torch.isfinite(matrix)).sum())
+        raise ValueError(f"the kernel has {bad} NaN / inf entries: its eigenvalues would be "
+                         "meaningless. Check the model and inputs it was built from.")
+
+
+def _check_symmetric(asym: float, scale: float, tolerance: float, what: str) -> None:
+    if asym > tolerance * max(scale, 1e-300):
+        raise ValueError(f"the kernel is not symmetric ({what} = {asym / scale:.1e}); an eNTK "
+                         "of one input set with itself always is: check the inputs (a cross "
+                         "kernel K(x, x') has no eigenvectors)")
+
+
+def _probe_operator(operator: sla.LinearOperator, rng: np.random.Generator) -> None:
+    """Two random vectors u, v: ``A [u v]`` must be finite and ``u.Av = v.Au``."""
+    probe = rng.standard_normal((operator.shape[0], 2))
+    images = np.asarray(operator.matmat(probe), dtype=np.float64)
+    if images.shape != probe.shape or not np.isfinite(images).all():
+        raise ValueError("the operator's products contain NaN / inf (or have the wrong "
+                         f"shape {images.shape}): check the model and inputs it was built from")
+    u, v = probe.T
+    au, av = images.T
+    scale = np.linalg.norm(au) * np.linalg.norm(v) + np.linalg.norm(av) * np.linalg.norm(u)
+    _check_symmetric(abs(u @ av - v @ au), scale, OPERATOR_SYMMETRY_TOL,
+                     "|u.Av - v.Au| / (|Au| |v|) for random u, v")
+
+
+def _fix_signs(vectors: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    """Each column times the sign of its largest-magnitude entry (ties: the first)."""
+    if vectors.shape[1] == 0:
+        return vectors
+    if isinstance(vectors, Tensor):
+        pick = vectors.abs().argmax(dim=0)
+        signs = torch.sign(vectors[pick, torch.arange(vectors.shape[1])])
+        return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+    pick = np.abs(vectors).argmax(axis=0)
+    signs = np.sign(vectors[pick, np.arange(vectors.shape[1])])
+    return vectors * np.where(signs == 0, 1.0, signs)
 
 
 def _iterative(
@@ -133,6 +225,8 @@ def _iterative(
             return _result(values, vectors, residuals, "lanczos")
         if start is not None and start.ndim == 2:
             start = start.sum(axis=1)
+        if start is None:  # ARPACK's own random start ignores the seed
+            start = rng.uniform(-1.0, 1.0, n)
         values, vectors = sla.eigsh(operator, k=k, which="LA", tol=tol or 0.0, v0=start,
                                     ncv=min(n, max(2 * k + 1, 20)))
     else:
@@ -149,25 +243,26 @@ def _contiguous(x: Tensor | np.ndarray) -> Tensor | np.ndarray:
 
 
 def _result(values, vectors, residuals, method: str) -> EigenResult:
+    if not (np.isfinite(values).all() and np.isfinite(vectors).all()):
+        raise ValueError(f"{method} returned NaN / inf eigenpairs: the operator's products "
+                         "are not finite; check the model and inputs it was built from")
     return EigenResult(
         torch.as_tensor(np.ascontiguousarray(values)),
-        torch.as_tensor(np.ascontiguousarray(vectors)),
+        torch.as_tensor(np.ascontiguousarray(_fix_signs(vectors))),
         torch.as_tensor(np.ascontiguousarray(residuals)),
         method,
     )
 
 
 def _dense(matrix: Tensor, k: int) -> EigenResult:
-    scale = matrix.abs().max().clamp_min(1e-300)
-    asym = (matrix - matrix.T).abs().max() / scale
-    # float64 kernels are often float32 kernels cast up (float32 round-off, ~1e-7 relative);
-    # a kernel of two different input sets is asymmetric at order 1.
-    tolerance = 1e-4 if matrix.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-5
-    if asym > tolerance:
-        raise ValueError(f"the kernel is not symmetric (max |K - K^T| / max |K| = {asym:.1e}); "
-                         "an eNTK of one input set with itself always is: check the inputs")
-    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    _check_symmetric(float((matrix - matrix.T).abs().max()), float(matrix.abs().max()),
+                     _matrix_symmetry_tolerance(matrix.dtype), "max |K - K^T| / max |K|")
+    try:
+        values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    except RuntimeError as err:  # torch.linalg.LinAlgError: ill-conditioned beyond repair
+        raise ValueError(f"the dense eigensolver failed on this kernel ({err}); check it for "
+                         "huge or tiny entries (scale it) before calling top_eigenpairs") from err
+    values, vectors = values.flip(0)[:k], _fix_signs(vectors.flip(1)[:, :k])
     residuals = torch.linalg.vector_norm(matrix @ vectors - vectors * values, dim=0)
     return EigenResult(values, vectors, residuals, "dense")
 
@@ -179,7 +274,9 @@ def _fixed_lanczos(
     """``steps`` Lanczos steps with full reorthogonalisation; Ritz pairs and residual norms.
 
     The residual of a Ritz pair (theta, V s) is exactly ``|beta_m * s_m|`` in exact
-    arithmetic; full reorthogonalisation keeps it close in floating point.
+    arithmetic; full reorthogonalisation keeps it close in floating point. Symmetry is checked
+    on the way at no cost: for a symmetric operator ``q_i . A q_j`` is ``beta_{j-1}`` for
+    ``i = j - 1`` and 0 below.
     """
     n = operator.shape[0]
     steps = min(max(steps, k), n)
@@ -189,9 +286,17 @@ def _fixed_lanczos(
     alpha, beta = np.zeros(steps), np.zeros(steps)
     basis[:, 0] = v / np.linalg.norm(v)
     m = steps
+    asym = 0.0
     for j in range(steps):
-        w = operator.matvec(basis[:, j])
-        alpha[j] = basis[:, j] @ w
+        w = np.asarray(operator.matvec(basis[:, j]), dtype=np.float64).reshape(-1)
+        if not np.isfinite(w).all():
+            raise ValueError("the operator's products contain NaN / inf: check the model and "
+                             "inputs it was built from")
+        coefficients = basis[:, : j + 1].T @ w
+        alpha[j] = coefficients[j]
+        if j:
+            coefficients[j - 1] -= beta[j - 1]
+            asym = max(asym, float(np.abs(coefficients[:j]).max()))
         w -= basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
         w -= basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
         beta[j] = np.linalg.norm(w)
@@ -201,6 +306,8 @@ def _fixed_lanczos(
             m = j + 1  # invariant subspace found: the Ritz pairs are exact
             break
         basis[:, j + 1] = w / beta[j]
+    _check_symmetric(asym, max(np.abs(alpha[:m]).max(), beta[: m].max()),
+                     OPERATOR_SYMMETRY_TOL, "max |q_i . A q_j - q_j . A q_i| / ||T||")
     if m < k:
         raise ValueError(f"the Krylov space stopped at dimension {m} < k={k}: the kernel has "
                          "rank below k from this start vector; ask for fewer eigenpairs")
@@ -238,6 +345,9 @@ def _block_lanczos(
     images: list[np.ndarray] = []
     for j in range(n_blocks):
         AQ = np.asarray(operator.matmat(Q), dtype=np.float64)
+        if not np.isfinite(AQ).all():
+            raise ValueError("the operator's products contain NaN / inf: check the model and "
+                             "inputs it was built from")
         basis.append(Q)
         images.append(AQ)
         if j + 1 == n_blocks:
@@ -254,7 +364,9 @@ def _block_lanczos(
                 fresh -= Q[:, ~lost] @ (Q[:, ~lost].T @ fresh)
             Q[:, lost] = np.linalg.qr(fresh)[0]
     B, AB = np.hstack(basis), np.hstack(images)
-    H = B.T @ AB
+    H = B.T @ AB  # symmetric exactly when the operator is (on the Krylov space)
+    _check_symmetric(float(np.abs(H - H.T).max()), float(np.abs(H).max()),
+                     OPERATOR_SYMMETRY_TOL, "max |Q^T A Q - (Q^T A Q)^T| / max |Q^T A Q|")
     theta, S = np.linalg.eigh((H + H.T) / 2)
     order = np.argsort(theta)[::-1][:k]
     vectors, images_of_vectors = B @ S[:, order], AB @ S[:, order]

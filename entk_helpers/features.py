@@ -14,6 +14,7 @@ Laplacian restricted to the cliff (cycle graphs along one direction of the (a, b
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,7 +42,8 @@ def fourier_family(p: int, kind: str, freqs: Sequence[int] | None = None) -> Ten
         p: the modulus.
         kind: ``"a"``, ``"b"``, ``"sum"`` ((a+b) mod p), ``"diff"`` ((a-b) mod p), or
             ``"axis_sum"`` (the a-family and the b-family at the same frequencies).
-        freqs: frequencies k (default 1..(p-1)/2).
+        freqs: frequencies k (default 1..(p-1)/2). Two frequencies that are equal or
+            conjugate mod p (k' = +-k) would give the same features twice and are refused.
 
     Returns:
         ``(p*p, 2 * len(freqs))`` float64, columns ``cos, sin`` of ``2 pi k v / p`` per k
@@ -49,11 +51,25 @@ def fourier_family(p: int, kind: str, freqs: Sequence[int] | None = None) -> Ten
     """
     if kind not in FAMILIES:
         raise ValueError(f"kind={kind!r}; choose one of {FAMILIES}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 2:
+        raise ValueError(f"p={p!r}; the modulus must be an integer >= 2")
     freqs = default_frequencies(p) if freqs is None else [int(k) for k in freqs]
     bad = [k for k in freqs if k % p == 0]
     if not freqs or bad:
         raise ValueError(f"frequencies must be non-empty and not multiples of p={p} "
                          f"(got {freqs}); a constant is not a Fourier feature here")
+    first: dict[int, int] = {}
+    for k in freqs:
+        mode = min(k % p, -k % p)  # k and -k give the same cos and sin (up to sign)
+        if mode in first:
+            raise ValueError(
+                f"frequencies {first[mode]} and {k} are the same Fourier mode mod p={p} "
+                f"(equal or conjugate: k' = +-k mod {p}), so their columns would repeat; "
+                f"pass each mode once, e.g. in 1..{(p - 1) // 2}"
+            )
+        if 2 * mode == p:
+            raise ValueError(f"frequency {k} = p/2: its sine column is zero; leave it out")
+        first[mode] = k
     if kind == "axis_sum":
         return torch.cat([fourier_family(p, "a", freqs), fourier_family(p, "b", freqs)], dim=1)
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
@@ -112,7 +128,17 @@ def subspace_overlap(
 
 
 def chance_overlap(dim_q: int, dim_f: int, n: int) -> float:
-    """Expected :func:`subspace_overlap` of two random subspaces of R^n: ``dim_q*dim_f/n``."""
+    """Expected :func:`subspace_overlap` of two random subspaces of R^n: ``dim_q*dim_f/n``.
+
+    Needs ``1 <= dim_q, dim_f <= n`` (a subspace of R^n has at most n dimensions); the
+    value is then at most ``min(dim_q, dim_f)``, the largest possible overlap.
+    """
+    for name, value in (("dim_q", dim_q), ("dim_f", dim_f), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name}={value!r} must be an integer (a dimension)")
+    if n < 1 or not (1 <= dim_q <= n and 1 <= dim_f <= n):
+        raise ValueError(f"chance_overlap({dim_q}, {dim_f}, {n}): subspaces of R^{n} have "
+                         f"1..{n} dimensions; pass dim_q, dim_f <= n (the number of inputs)")
     return dim_q * dim_f / n
 
 

@@ -48,26 +48,40 @@ def shipped_stories_dir() -> Path:
     return repo_root() / "data" / "stories"
 
 
-def load_corpus(max_stories: int | None = None) -> tuple[list[str], str]:
-    """TinyStories through ``datasets`` where the hub answers, else the shipped stories.
+def load_corpus(
+    max_stories: int | None = None, *, allow_downloads: bool | None = None
+) -> tuple[list[str], str]:
+    """The shipped stories (``data/stories``), or TinyStories when downloads are allowed.
+
+    Args:
+        max_stories: keep at most this many stories.
+        allow_downloads: stream TinyStories (validation split) through ``datasets`` where the
+            hub answers. Default None: ``ENTK_ALLOW_DOWNLOADS=1`` allows it; otherwise (the
+            default) the network is never used.
 
     Returns:
         (stories, name); name says which corpus was used.
     """
-    from entk_helpers.gemma import _hub_reachable
+    from entk_helpers.results import downloads_allowed
 
-    if os.environ.get("HF_DATASETS_OFFLINE", "0") in {"0", ""} and _hub_reachable():
-        try:
-            from datasets import load_dataset
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "0") not in {"0", ""}
+    if downloads_allowed(allow_downloads) and not offline:
+        from entk_helpers.gemma import _hub_reachable
 
-            data = load_dataset("roneneldan/TinyStories", split="validation", streaming=True)
-            stories = [row["text"] for _, row in zip(range(max_stories or 20000), data)]
-            return stories, "TinyStories (roneneldan/TinyStories, validation split)"
-        except Exception:  # noqa: BLE001 - any failure means: use the shipped corpus
-            pass
+        if _hub_reachable():
+            try:
+                from datasets import load_dataset
+
+                data = load_dataset("roneneldan/TinyStories", split="validation",
+                                    streaming=True)
+                stories = [row["text"] for _, row in zip(range(max_stories or 20000), data)]
+                return stories, "TinyStories (roneneldan/TinyStories, validation split)"
+            except Exception:  # noqa: BLE001 - any failure means: use the shipped corpus
+                pass
     files = sorted(shipped_stories_dir().glob("*.txt"))
     if not files:
-        raise RuntimeError(f"no corpus: TinyStories unreachable and no {shipped_stories_dir()}")
+        raise RuntimeError(f"no corpus: no {shipped_stories_dir()}, and TinyStories needs "
+                           "downloads allowed (ENTK_ALLOW_DOWNLOADS=1) and a reachable hub")
     stories = []
     for path in files:
         stories += [s.strip() for s in path.read_text().split(STORY_SEPARATOR) if s.strip()]

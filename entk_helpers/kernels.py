@@ -23,8 +23,11 @@ Two exact methods:
 for the rest. Kernels that exceed the memory budget (see :mod:`entk_helpers.budget`) are
 refused with a pointer to :func:`entk_helpers.ntk_operator`.
 
-The model is evaluated as it is: call ``model.eval()`` first if it has dropout or batch norm.
-Examples must not interact inside a batch.
+The model is evaluated as it is: call ``model.eval()`` first if it has dropout or batch norm
+(a train-mode model with random outputs gets a warning). Examples must not interact inside a
+batch: a probe compares one example alone with a batch of two and refuses models or
+``select=`` functions that mix examples. Half-precision models (float16 / bfloat16) get their
+kernels accumulated in float32, with a warning about the precision of their Jacobians.
 """
 
 from __future__ import annotations
@@ -40,9 +43,13 @@ from ._model import (
     ModelOutputs,
     OutputSelector,
     ParamSpec,
+    check_chunk_size,
+    check_examples_independent,
+    check_inputs,
     check_output_mode,
     chunks,
     select_parameters,
+    warn_low_precision,
 )
 from .budget import MemoryBudgetError, check_budget, get_memory_budget
 
@@ -77,7 +84,12 @@ def empirical_ntk(
         method: ``"auto"``, ``"structured"`` or ``"jacobian"`` (module docstring).
 
     Returns:
-        The kernel, in the parameters' dtype, on their device.
+        The kernel on the parameters' device, in their dtype (float32 for float16 /
+        bfloat16 models).
+
+    Raises:
+        TypeError / ValueError: inputs that are not a non-empty tensor in the model's dtype
+            and device, a bad ``chunk_size``, or a model / ``select`` that mixes examples.
     """
     kernels = layerwise_ntk(
         model, inputs, inputs2, groups={"all": params}, output=output, select=select,
@@ -113,27 +125,31 @@ def layerwise_ntk(
     check_output_mode(output)
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of {METHODS}")
+    chunk_size = check_chunk_size(chunk_size)
     group_params = _resolve_groups(model, groups, params)
     chosen = {name: p for members in group_params.values() for name, p in members.items()}
     group_of = {name: g for g, members in group_params.items() for name in members}
+    reference = next(iter(chosen.values()))
+    x1 = check_inputs(inputs, "inputs", reference)
+    x2 = x1 if inputs2 is None else check_inputs(inputs2, "inputs2", reference)
 
     fn = ModelOutputs(model, chosen, select, mean_logit=(output == "mean_logit"))
-    x1 = inputs
-    x2 = inputs if inputs2 is None else inputs2
     n_outputs = _check_model_outputs(fn, x1, x2, chunk_size)
+    check_examples_independent(fn, x1, x2)
+    accumulate = torch.promote_types(reference.dtype, torch.float32)
+    warn_low_precision(reference, "the kernel is accumulated in float32")
     full = output == "full"
     rows = x1.shape[0] * (n_outputs if full else 1)
     cols = x2.shape[0] * (n_outputs if full else 1)
-    reference = next(iter(chosen.values()))
     check_budget(
-        rows * cols * reference.element_size() * len(group_params),
+        rows * cols * accumulate.itemsize * len(group_params),
         f"{len(group_params)} kernel(s) of shape ({rows}, {cols})",
         "Use output='trace' or 'mean_logit', fewer inputs, or the matrix-free "
         "entk_helpers.ntk_operator(...) with entk_helpers.top_eigenpairs.",
         reference.device,
     )
     kernels = {
-        g: torch.zeros(rows, cols, dtype=reference.dtype, device=reference.device)
+        g: torch.zeros(rows, cols, dtype=accumulate, device=reference.device)
         for g in group_params
     }
 
@@ -180,6 +196,12 @@ def _resolve_groups(
                 out.setdefault(owner, {})[name] = p
             return out
         raise ValueError(f"groups={groups!r}; use 'module', 'parameter' or a mapping")
+    if not isinstance(groups, Mapping):
+        raise TypeError(f"groups must be 'module', 'parameter' or a mapping {{name: params}}, "
+                        f"got a {type(groups).__name__}")
+    if not groups:
+        raise ValueError("groups={} names no group: pass {name: params spec} with at least "
+                         "one entry, or groups='module' / 'parameter'")
     out = {g: select_parameters(model, spec) for g, spec in groups.items()}
     seen: dict[str, str] = {}
     for g, members in out.items():
@@ -195,13 +217,12 @@ def _check_model_outputs(
     fn: ModelOutputs, x1: Tensor, x2: Tensor, chunk_size: int | None
 ) -> int:
     """Run the model once over both inputs (no grad): shape and finiteness checks; C."""
-    n_outputs = None
+    n_outputs = 0
     with torch.no_grad():
         for x in (x1, x2):
             for part in chunks(x.shape[0], chunk_size or 1024):
                 out = fn(fn.detached(), x[part])
                 n_outputs = out.shape[1]
-    assert n_outputs is not None
     return n_outputs
 
 
@@ -310,16 +331,19 @@ def _reconstructed_grad(module: nn.Module, is_bias: bool, cap: _LayerCapture) ->
     return torch.einsum("bto,bti->oi", g, cap.inputs)
 
 
-def _input_gram(module: nn.Module, is_bias: bool, a1: Tensor, a2: Tensor) -> Tensor:
+def _input_gram(
+    module: nn.Module, is_bias: bool, a1: Tensor, a2: Tensor, dtype: torch.dtype
+) -> Tensor:
     """``(B1, B2, T1, T2)``: the input-side factor of the kernel for each position pair."""
     if is_bias:
-        return a1.new_ones(a1.shape[0], a2.shape[0], a1.shape[1], a2.shape[1])
+        return torch.ones(a1.shape[0], a2.shape[0], a1.shape[1], a2.shape[1], dtype=dtype,
+                          device=a1.device)
     if isinstance(module, nn.Embedding):
         same = a1[:, None, :, None] == a2[None, :, None, :]
         if module.padding_idx is not None:
             same &= (a1 != module.padding_idx)[:, None, :, None]
-        return same.to(module.weight.dtype)
-    return torch.einsum("nti,msi->nmts", a1, a2)
+        return same.to(dtype)
+    return torch.einsum("nti,msi->nmts", a1.to(dtype), a2.to(dtype))
 
 
 def _structured_block(
@@ -327,10 +351,12 @@ def _structured_block(
 ) -> Tensor:
     """Kernel block between two chunks: ``(B1*C, B2*C)`` if ``full`` else ``(B1, B2)``.
 
-    One matrix product per position pair (t, s), so memory stays at the block's size.
+    One matrix product per position pair (t, s), so memory stays at the block's size; in
+    float32 at least (half-precision models).
     """
-    gram_in = _input_gram(module, is_bias, c1.inputs, c2.inputs)  # (n, m, t, s)
-    g1, g2 = c1.out_grads, c2.out_grads  # (n, C, t, o), (m, C, s, o)
+    dtype = torch.promote_types(c1.out_grads.dtype, torch.float32)
+    gram_in = _input_gram(module, is_bias, c1.inputs, c2.inputs, dtype)  # (n, m, t, s)
+    g1, g2 = c1.out_grads.to(dtype), c2.out_grads.to(dtype)  # (n, C, t, o), (m, C, s, o)
     n, n_out, n_pos, _ = g1.shape
     m = g2.shape[0]
     shape = (n * n_out, m * n_out) if full else (n, m)
@@ -422,7 +448,8 @@ def _used_elsewhere(
         rebuilt = _reconstructed_grad(module, is_bias, caps[module])
         actual = torch.zeros_like(rebuilt) if grad is None else grad
         scale = actual.norm() + rebuilt.norm() + 1e-30
-        if (actual - rebuilt).norm() > 1e-4 * scale:
+        tolerance = max(1e-4, 16 * torch.finfo(actual.dtype).eps)  # bfloat16: round-off
+        if (actual - rebuilt).norm() > tolerance * scale:
             bad.add(name)
     return bad
 
@@ -446,7 +473,9 @@ def _jacobian_fn(fn: ModelOutputs, names: list[str]) -> Callable[[Tensor], dict[
 
     def jac(x: Tensor) -> dict[str, Tensor]:
         values = {n: fn.params[n].detach() for n in names}
-        per_param = vmap(jacrev(one_example), in_dims=(None, 0))(values, x)
+        # "different": a train-mode model with dropout (warned about) draws per example
+        per_param = vmap(jacrev(one_example), in_dims=(None, 0), randomness="different")(
+            values, x)
         return {n: j.reshape(j.shape[0], j.shape[1], -1) for n, j in per_param.items()}
 
     return jac
@@ -477,6 +506,7 @@ def _add_jacobian_kernels(
         )
     size = chunk_size or int(max(1, min(x1.shape[0], budget // (8 * per_example))))
     jac = _jacobian_fn(fn, names)
+    accumulate = torch.promote_types(reference.dtype, torch.float32)
     parts1 = chunks(x1.shape[0], size)
     parts2 = parts1 if symmetric else chunks(x2.shape[0], size)
     keep_all = per_example * (x1.shape[0] + (0 if symmetric else x2.shape[0])) < budget // 4
@@ -487,7 +517,7 @@ def _add_jacobian_kernels(
         if i in cache:
             return cache[i]
         with torch.no_grad():  # the transforms still differentiate; nothing else is tracked
-            result = jac(x[part])
+            result = {n: j.to(accumulate) for n, j in jac(x[part]).items()}
         if keep_all:
             cache[i] = result
         return result

@@ -22,10 +22,14 @@ from ._model import (
     ModelOutputs,
     OutputSelector,
     ParamSpec,
+    check_chunk_size,
+    check_examples_independent,
+    check_inputs,
     check_output_mode,
     chunks,
     select_parameters,
     validate_outputs,
+    warn_low_precision,
 )
 from .budget import check_budget, get_memory_budget
 from .kernel_operator import KernelOperator
@@ -49,16 +53,19 @@ class NTKOperator(KernelOperator):
         chunk_size: int | None = None,
     ) -> None:
         check_output_mode(output)
+        chunk_size = check_chunk_size(chunk_size)
+        chosen = select_parameters(model, params)
+        inputs = check_inputs(inputs, "inputs", next(iter(chosen.values())))
         self.output = output
         self.inputs = inputs
-        self.fn = ModelOutputs(model, select_parameters(model, params), select,
-                               mean_logit=(output == "mean_logit"))
+        self.fn = ModelOutputs(model, chosen, select, mean_logit=(output == "mean_logit"))
         self.values = self.fn.detached()
         self.chunk_size = chunk_size or min(inputs.shape[0], 1024)
         with torch.no_grad():
             first = self.fn(self.values, inputs[: self.chunk_size])
             for part in chunks(inputs.shape[0], self.chunk_size)[1:]:
                 validate_outputs(self.fn(self.values, inputs[part]), part.stop - part.start)
+        _check_operator_model(self.fn, self.values, inputs)
         self.n_examples = inputs.shape[0]
         self.n_outputs = first.shape[1]
         self.n_params = sum(v.numel() for v in self.values.values())
@@ -128,7 +135,11 @@ class NTKOperator(KernelOperator):
             else:
                 res = self._full_matmat(block.reshape(n, c, k))
                 out.append(res.reshape(n * c, k))
-        return torch.cat(out, dim=1)
+        result = torch.cat(out, dim=1)
+        if not torch.isfinite(result).all():
+            raise ValueError("the eNTK product contains NaN / inf (the model's gradients are "
+                             "not finite on some inputs, or the vectors were not finite)")
+        return result
 
     def to_dense(self) -> Tensor:
         """The whole kernel (dim, dim) by applying the operator to the identity (small cases)."""
@@ -137,6 +148,41 @@ class NTKOperator(KernelOperator):
                      "Keep the operator matrix-free and use top_eigenpairs.", self._device)
         eye = torch.eye(dim, dtype=self._param_dtype, device=self._device)
         return self.matmat_torch(eye)
+
+
+def _check_operator_model(fn: ModelOutputs, values: dict[str, Tensor], inputs: Tensor) -> None:
+    """The kernel builders' checks, plus a cheap product probe: a VJP and a JVP on (at most)
+    two examples must be finite. Examples must not mix, and outputs must not be random
+    (every product must see the same matrix)."""
+    check_examples_independent(fn, inputs, inputs, random_ok=False)
+    reference = next(iter(values.values()))
+    warn_low_precision(reference, "the operator's products are computed in that precision")
+    x = inputs[:2]
+    generator = torch.Generator(device=reference.device).manual_seed(0)
+
+    def f(v: dict[str, Tensor]) -> Tensor:
+        return fn(v, x, check=False)
+
+    try:
+        out, pullback = vjp(f, values)
+        cotangent = torch.randn(out.shape, generator=generator, dtype=out.dtype,
+                                device=out.device)
+        (grads,) = pullback(cotangent)
+        pushed = jvp(f, (values,), (grads,))[1]
+    except (RuntimeError, NotImplementedError) as err:
+        raise RuntimeError(
+            "forward-mode AD (jvp) failed inside the model. For transformers models load them "
+            "with attn_implementation='eager'; custom autograd Functions need a jvp rule. "
+            f"Original error: {err}"
+        ) from err
+    finite = torch.isfinite(pushed).all() and all(torch.isfinite(g).all()
+                                                   for g in grads.values())
+    if not finite:
+        raise ValueError(
+            "the model's gradients are NaN / inf on the first inputs (a probe product "
+            "J J^T u on two examples), so every eNTK product would be: check the model for "
+            "non-differentiable points (sqrt or log at 0, ...) and the inputs."
+        )
 
 
 def ntk_operator(

@@ -33,6 +33,24 @@ def _flag(variable: str) -> bool:
     return os.environ.get(variable, "0").strip().lower() in {"1", "true", "yes"}
 
 
+DOWNLOADS_VARIABLE = "ENTK_ALLOW_DOWNLOADS"
+
+
+def downloads_allowed(allow: bool | None = None) -> bool:
+    """Whether a loader may use the network (the Hugging Face hub model, TinyStories).
+
+    ``allow`` (a loader's ``allow_downloads=`` argument) decides when given; else
+    ``ENTK_ALLOW_DOWNLOADS=1`` allows; by default nothing is downloaded, so a run's data and
+    model do not depend on the machine's network.
+    """
+    if allow is not None:
+        if not isinstance(allow, bool):
+            raise TypeError(f"allow_downloads={allow!r}; pass True, False or None (None: "
+                            f"${DOWNLOADS_VARIABLE})")
+        return allow
+    return _flag(DOWNLOADS_VARIABLE)
+
+
 HEADLESS_VARIABLE = "ENTK_HEADLESS"
 
 

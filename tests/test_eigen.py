@@ -245,3 +245,75 @@ def test_matrix_free_solves_run_numpy_blas_on_one_thread(method: str) -> None:
         assert blas_threads() == before
     assert seen == {1}
     np.testing.assert_allclose(result.values.numpy(), decaying(4), rtol=1e-6)
+
+
+# ---------------------------------------- bad input and reproducibility (issue 17: each
+# test below failed on the code before it)
+
+ALL_ITERATIVE = [("lanczos", {}), ("lanczos", {"max_steps": 30}),
+                 ("block_lanczos", {"max_steps": 30}), ("block", {})]
+
+
+@pytest.mark.parametrize("method,options", ALL_ITERATIVE)
+def test_a_non_symmetric_operator_or_matrix_is_refused(method: str, options: dict) -> None:
+    """Guards: Lanczos on a non-symmetric operator returned residuals around 3, the block
+    method accepted a non-symmetric matrix."""
+    rng = np.random.default_rng(0)
+    symmetric = psd_matrix(60, decaying(60))
+    skewed = symmetric + 0.3 * np.triu(rng.standard_normal((60, 60)), 1)
+    with pytest.raises(ValueError, match="not symmetric"):
+        top_eigenpairs(aslinearoperator(skewed), k=3, method=method, **options)
+    with pytest.raises(ValueError, match="not symmetric"):
+        top_eigenpairs(skewed, k=3, method=method, **options)
+    result = top_eigenpairs(aslinearoperator(symmetric), k=3, method=method, **options)
+    np.testing.assert_allclose(result.values.numpy(), decaying(3), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,options", [("dense", {}), *ALL_ITERATIVE])
+def test_a_kernel_with_nan_or_inf_is_refused(method: str, options: dict) -> None:
+    """Guards: a kernel with inf gave NaN eigenvalues (dense: eigh 'failed to converge')."""
+    for bad in (np.inf, np.nan):
+        matrix = psd_matrix(40, decaying(40))
+        matrix[3, 5] = matrix[5, 3] = bad
+        with pytest.raises(ValueError, match="NaN / inf"):
+            top_eigenpairs(torch.as_tensor(matrix), k=3, method=method, **options)
+        if method != "dense":
+            with pytest.raises(ValueError, match="NaN / inf"):
+                top_eigenpairs(aslinearoperator(matrix), k=3, method=method, **options)
+
+
+@pytest.mark.parametrize("method,options", ALL_ITERATIVE)
+def test_a_start_vector_of_the_wrong_length_is_refused(method: str, options: dict) -> None:
+    """Guards: a v0 of the wrong length went to ARPACK (it once crashed the interpreter)."""
+    matrix = psd_matrix(50, decaying(50))
+    for v0 in (np.ones(49), np.ones((51, 2)), np.ones((50, 2, 1)), np.zeros(50),
+               np.full(50, np.nan)):
+        with pytest.raises(ValueError, match="v0"):
+            top_eigenpairs(aslinearoperator(matrix), k=3, method=method, v0=v0, **options)
+
+
+def test_k_must_be_an_integer() -> None:
+    """Guards: k=2.5 failed inside the solver ('slice indices must be integers')."""
+    matrix = psd_matrix(10, decaying(10))
+    for bad in (2.5, "3", True):
+        with pytest.raises(TypeError, match="k=.*integer"):
+            top_eigenpairs(matrix, k=bad)
+    assert top_eigenpairs(matrix, k=np.int64(3)).values.shape == (3,)
+
+
+@pytest.mark.parametrize("method,options", [("dense", {}), *ALL_ITERATIVE])
+def test_the_same_call_gives_the_same_sign_fixed_vectors(method: str, options: dict) -> None:
+    """Guards: top_eigenpairs(op, seed=0) ignored its seed on the default route (ARPACK's own
+    random start), so three identical calls gave eigenvectors whose signs flipped."""
+    matrix = psd_matrix(80, decaying(80), seed=2)
+    target = matrix if method == "dense" else aslinearoperator(matrix)
+    runs = [top_eigenpairs(target, k=4, method=method, seed=0, **options) for _ in range(3)]
+    for run in runs[1:]:
+        assert torch.equal(run.vectors, runs[0].vectors)
+    vectors = runs[0].vectors.numpy()
+    columns = np.arange(vectors.shape[1])
+    assert np.all(vectors[np.abs(vectors).argmax(axis=0), columns] > 0)
+    _, exact = np.linalg.eigh(matrix)
+    for i in range(4):  # the sign convention applied to the exact eigenvectors
+        reference = exact[:, -1 - i] * np.sign(exact[np.abs(exact[:, -1 - i]).argmax(), -1 - i])
+        np.testing.assert_allclose(vectors[:, i], reference, atol=1e-5)

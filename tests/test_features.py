@@ -67,6 +67,31 @@ def test_fourier_family_bad_input() -> None:
         fourier_family(P, "a", [])
 
 
+@pytest.mark.parametrize("freqs", [[1, 8], [1, 6], [2, 2], [3, -3]])
+def test_aliased_frequencies_are_refused(freqs: list[int]) -> None:
+    """Guards (issue 17): fourier_family(7, "a", [1, 8]) returned the k = 1 columns twice
+    (8 = 1 mod 7); k = 6 = -1 spans the same plane. Each mode must appear once."""
+    with pytest.raises(ValueError, match=r"same Fourier mode mod p=7.*once"):
+        fourier_family(P, "a", freqs)
+    with pytest.raises(ValueError, match="p/2"):  # even p: the sine of k = p/2 is zero
+        fourier_family(8, "sum", [1, 4])
+    family = fourier_family(P, "a", [1, 3])  # distinct modes: full column rank
+    assert torch.linalg.matrix_rank(family).item() == 4
+
+
+def test_chance_overlap_is_refused_beyond_the_possible_maximum() -> None:
+    """Guards (issue 17): chance_overlap(10, 10, 5) returned 20, above the largest possible
+    overlap, for 10-dimensional subspaces that cannot exist in R^5."""
+    for args in ((10, 10, 5), (6, 1, 5), (0, 3, 5), (3, 3, 0)):
+        with pytest.raises(ValueError, match="dim_f <= n"):
+            chance_overlap(*args)
+    with pytest.raises(TypeError, match="integer"):
+        chance_overlap(2.5, 3, 10)
+    for dim_q, dim_f, n in ((5, 5, 5), (1, 5, 5), (3, 4, 10)):
+        assert chance_overlap(dim_q, dim_f, n) <= min(dim_q, dim_f)
+    assert chance_overlap(5, 5, 5) == 5.0  # the whole space: the overlap is exact
+
+
 # ---------------------------------------------------------------------------- overlaps
 
 

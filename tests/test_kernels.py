@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from ntk_references import (
@@ -261,3 +263,90 @@ def test_unknown_output_mode_and_method() -> None:
         empirical_ntk(case.model, case.x1, method="fast")
     with pytest.raises(ValueError, match="groups must not overlap"):
         layerwise_ntk(case.model, case.x1, groups={"a": "fc1.*", "b": ["fc1.weight"]})
+
+
+# ------------------------------------------------ input validation (issue 17: each test
+# below failed on the code before it: a raw torch error, a silent answer, or no warning)
+
+
+def test_inputs_that_are_not_a_batch_are_refused_by_name() -> None:
+    """Guards: zero examples (was a bare AssertionError), a list of examples (a raw
+    AttributeError), float32 inputs to a float64 model (torch's 'mat1 and mat2')."""
+    case = make_case("mlp")
+    with pytest.raises(ValueError, match="inputs has no examples"):
+        empirical_ntk(case.model, case.x1[:0])
+    with pytest.raises(ValueError, match="inputs2 has no examples"):
+        empirical_ntk(case.model, case.x1, case.x2[:0])
+    with pytest.raises(TypeError, match="inputs must be a torch.Tensor.*torch.stack"):
+        empirical_ntk(case.model, list(case.x1))
+    with pytest.raises(TypeError, match=r"inputs is torch.float32 .* torch.float64.*\.to\("):
+        empirical_ntk(case.model, case.x1.float())
+    with pytest.raises(TypeError, match="inputs2 is torch.float32"):
+        layerwise_ntk(case.model, case.x1, case.x2.float())
+
+
+def test_bad_chunk_size_and_empty_groups_are_refused_by_name() -> None:
+    """Guards: chunk_size=-1 (was 'cannot reshape tensor'), groups={} (StopIteration)."""
+    case = make_case("mlp")
+    for bad in (-1, 0):
+        with pytest.raises(ValueError, match=f"chunk_size={bad}.*positive"):
+            empirical_ntk(case.model, case.x1, chunk_size=bad)
+    with pytest.raises(TypeError, match="chunk_size=2.5"):
+        empirical_ntk(case.model, case.x1, chunk_size=2.5)
+    with pytest.raises(ValueError, match="groups=\\{\\} names no group"):
+        layerwise_ntk(case.model, case.x1, groups={})
+    with pytest.raises(TypeError, match="groups must be"):
+        layerwise_ntk(case.model, case.x1, groups=["fc1.weight"])
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian"])
+def test_a_select_that_mixes_examples_is_refused(method: str) -> None:
+    """Guards: ``o - o.mean(0)`` gave an all-zero kernel without a word (each example is
+    alone in its vmap call). The probe: one example alone against a batch of two."""
+    case = make_case("mlp")
+    with pytest.raises(ValueError, match="depend on the other examples.*select="):
+        empirical_ntk(case.model, case.x1, select=lambda o: o - o.mean(0), method=method)
+    one = case.x1[:1]  # one example in inputs: the probe pairs it with inputs2's first
+    with pytest.raises(ValueError, match="depend on the other examples"):
+        empirical_ntk(case.model, one, case.x2, select=lambda o: o - o.mean(0), method=method)
+
+
+def test_batch_norm_in_train_mode_is_refused_and_eval_mode_accepted() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    model = model.double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+        empirical_ntk(model, x)
+    model.eval()
+    assert_close(empirical_ntk(model, x, output="full"),
+                 reduce_kernel(brute_force_ntk(model, x), "full"))
+
+
+def test_a_train_mode_model_with_dropout_warns() -> None:
+    """Guards: dropout in train mode gave the kernel of one random draw without a word."""
+    model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 2))
+    model = model.double().train()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"train mode.*random.*model\.eval\(\)"):
+        kernel = empirical_ntk(model, x)
+    assert kernel.shape == (4, 4) and torch.isfinite(kernel).all()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(empirical_ntk(model, x), reduce_kernel(brute_force_ntk(model, x), "trace"))
+
+
+def test_a_bfloat16_model_accumulates_its_kernel_in_float32() -> None:
+    """Guards: a bf16 model's kernel was summed in bf16 (relative error ~1e-2 and worse with
+    more terms). Now float32 accumulation and a warning about the Jacobians' precision. The
+    reference: the float64 kernel of the same (bf16-rounded) weights and inputs."""
+    case = make_case("mlp", torch.bfloat16)
+    x = torch.randn(40, 5).to(torch.bfloat16)
+    exact = make_case("mlp")
+    exact.model.load_state_dict({k: v.double() for k, v in case.model.state_dict().items()})
+    expected = reduce_kernel(brute_force_ntk(exact.model, x.double()), "trace")
+    for method in ("structured", "jacobian"):
+        with pytest.warns(UserWarning, match="bfloat16.*float32"):
+            kernel = empirical_ntk(case.model, x, output="trace", method=method)
+        assert kernel.dtype == torch.float32
+        assert rel_err(kernel, expected) < 2e-2, method

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ntk_references import assert_close, make_case, reduce_kernel, rel_err
-from scipy.sparse.linalg import LinearOperator, aslinearoperator
+from ntk_references import assert_close, brute_force_ntk, make_case, reduce_kernel, rel_err
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import Tensor, nn
 
 from entk_helpers import MemoryBudgetError, memory_budget, ntk_operator
 
@@ -93,9 +94,67 @@ def test_to_dense_respects_the_memory_budget() -> None:
 
 
 def test_scipy_sees_a_symmetric_operator() -> None:
+    """``op.H`` and ``rmatvec`` are what scipy's solvers use for the adjoint: they must apply
+    the brute-force kernel's transpose (before issue 17 this test checked ``op.H is op`` or
+    compared the operator with its own ``to_dense``, so it could not fail)."""
     case = make_case("mlp")
     op = ntk_operator(case.model, case.x1, output="trace")
-    assert op.H is op or np.allclose(op.H @ np.eye(op.shape[0]), op @ np.eye(op.shape[0]))
-    dense = aslinearoperator(op.to_dense().numpy())
-    v = np.ones(op.shape[0])
-    assert np.allclose(op.matvec(v), dense.matvec(v), rtol=1e-10)
+    dense = reduce_kernel(case.reference(), "trace").numpy()  # independent of the operator
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((op.shape[0], 3))
+    np.testing.assert_allclose(op.H @ v, dense.T @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(op.rmatvec(v[:, 0]), dense.T @ v[:, 0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(op.rmatmat(v), dense.T @ v, rtol=1e-10, atol=1e-12)
+    values = eigsh(op, k=2, which="LA", v0=np.ones(op.shape[0]), return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(values), np.linalg.eigvalsh(dense)[-2:], rtol=1e-8)
+
+
+# ------------------------------------------------ input validation (issue 17: each test
+# below failed on the code before it)
+
+
+class SqrtAtZero(nn.Module):
+    """``sqrt(|W x + b|)``: finite outputs at x = 0 with b = 0, NaN gradients there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        nn.init.zeros_(self.lin.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x).abs().sqrt()
+
+
+def test_zero_examples_and_non_finite_products_are_refused() -> None:
+    """Guards: zero examples built a 0 x 0 operator; NaN gradients (finite outputs) gave NaN
+    products without a word. The probe: one product on two examples at construction."""
+    mlp = make_case("mlp")
+    with pytest.raises(ValueError, match="inputs has no examples"):
+        ntk_operator(mlp.model, mlp.x1[:0])
+    model = SqrtAtZero().double()
+    with pytest.raises(ValueError, match="NaN / inf"):
+        ntk_operator(model, torch.zeros(4, 3, dtype=torch.float64))
+    fine = torch.ones(4, 3, dtype=torch.float64)
+    op = ntk_operator(model, torch.cat([fine, torch.zeros(1, 3, dtype=torch.float64)]))
+    with pytest.raises(ValueError, match="NaN / inf"):  # the bad example is not probed
+        op.matvec(np.ones(op.shape[0]))
+
+
+def test_operator_inputs_chunks_and_models_are_checked_as_for_kernels() -> None:
+    """Guards: a list, float32 inputs to a float64 model, chunk_size=-1, a select that mixes
+    examples, and a train-mode model with dropout (whose products differ from call to call)."""
+    case = make_case("mlp")
+    with pytest.raises(TypeError, match="inputs must be a torch.Tensor"):
+        ntk_operator(case.model, list(case.x1))
+    with pytest.raises(TypeError, match="inputs is torch.float32"):
+        ntk_operator(case.model, case.x1.float())
+    with pytest.raises(ValueError, match="chunk_size=-1"):
+        ntk_operator(case.model, case.x1, chunk_size=-1)
+    with pytest.raises(ValueError, match="depend on the other examples"):
+        ntk_operator(case.model, case.x1, select=lambda o: o - o.mean(0))
+    dropout = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Linear(8, 2)).double()
+    with pytest.raises(ValueError, match=r"train mode.*model\.eval\(\)"):
+        ntk_operator(dropout, case.x1)
+    dropout.eval()
+    expected = reduce_kernel(brute_force_ntk(dropout, case.x1), "full")
+    assert_close(ntk_operator(dropout, case.x1).to_dense(), expected)
