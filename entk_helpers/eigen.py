@@ -33,7 +33,7 @@ class EigenResult:
     """Top eigenpairs. ``values`` (k,) descending, ``vectors`` (n, k) orthonormal columns,
     ``residuals`` (k,) = ``||A v_i - values_i v_i||``; ``n_matvecs``: for matrix-free runs,
     the products of this solve, read from the operator's counter (``KernelOperator.n_matvecs``;
-    0 for operators without one; a symmetry probe before the solve is not counted)."""
+    0 for operators without one; a symmetry probe before the solve counts too)."""
 
     values: Tensor
     vectors: Tensor
@@ -132,11 +132,11 @@ def top_eigenpairs(
     # worker threads spin and take the cores from the products' torch threads (top 25 of
     # layer 16 of Gemma-3-270M, N = 16, 2 cores: 7.8 s -> 3.9 s; benchmarks/README.md)
     rng = np.random.default_rng(seed)
+    products_before = getattr(operator, "n_matvecs", 0)  # the KernelOperator counter
     with threadpool_limits(limits=1, user_api="blas"):
         if not is_matrix and not (method == "block_lanczos" or
                                   (method == "lanczos" and max_steps is not None)):
             _probe_operator(operator, rng)
-        products_before = getattr(operator, "n_matvecs", 0)  # the KernelOperator counter
         result = _iterative(operator, k, method, tol, start, max_steps, block_size, rng)
     result.n_matvecs = getattr(operator, "n_matvecs", 0) - products_before
     return result
