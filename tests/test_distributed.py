@@ -180,3 +180,15 @@ def test_the_torchrun_example_script(tmp_path: Path) -> None:
     dense = torch.linalg.eigvalsh(empirical_ntk(model, pairs, output="trace")).flip(0)[:4]
     assert rel_err(torch.tensor(result["eigenvalues"], dtype=torch.float64), dense) <= 1e-10
     assert "top 4 eigenvalues" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+def test_the_benchmark_nccl_path_says_it_needs_cuda() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_distributed", ROOT / "benchmarks" / "bench_distributed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit, match="needs CUDA GPUs"):
+        bench.world_sizes(bench.parse_args(["--backend", "nccl"]))
