@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 ParamVector = Tensor | Mapping[str, Tensor]
 BUCKET_BYTES = 64 * 2**20  # all-reduce buckets: at most this much extra memory per product
@@ -59,7 +62,7 @@ def _check_group(group: Any) -> Any:
     return dist
 
 
-def shard_slice(n_total: int, group: Any) -> slice:
+def shard_slice(n_total: int, group: ProcessGroup) -> slice:
     """This rank's contiguous share of ``n_total`` examples: sizes differ by at most one,
     lower ranks first (``x[shard_slice(len(x), group)]``)."""
     dist = _check_group(group)
@@ -72,7 +75,7 @@ def shard_slice(n_total: int, group: Any) -> slice:
     return slice(start, start + size + (rank < extra))
 
 
-def exchange(group: Any, item: Any) -> list[Any]:
+def exchange(group: ProcessGroup, item: Any) -> list[Any]:
     """All-gather one picklable ``item`` per rank, or raise :class:`ShardError` on every rank
     when any rank passed an exception (a failure before the collective set-up)."""
     dist = _check_group(group)
@@ -88,7 +91,7 @@ def exchange(group: Any, item: Any) -> list[Any]:
     return [value for _, value in gathered]
 
 
-def build_on_every_rank(group: Any, build: Callable[[], Any]) -> Any:
+def build_on_every_rank(group: ProcessGroup, build: Callable[[], Any]) -> Any:
     """``build()`` on every rank; an exception before ``build``'s :class:`ShardedProduct`
     set-up (a bad input on one rank) is sent to the others, so that every rank raises
     instead of waiting in a collective until the group's timeout.
@@ -144,7 +147,7 @@ class ShardedProduct:
     ``local`` (this rank's ``slice`` of the global examples).
     """
 
-    def __init__(self, group: Any, n_local: int, *, facts: Mapping[str, Any] | None = None,
+    def __init__(self, group: ProcessGroup, n_local: int, *, facts: Mapping[str, Any] | None = None,
                  check_inputs: bool = True) -> None:
         dist = _check_group(group)
         self.group = group

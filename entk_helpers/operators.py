@@ -19,7 +19,7 @@ shape and takes and returns whole vectors, the same on every rank.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from ._model import (
     validate_outputs,
 )
 from .budget import check_budget, get_memory_budget
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class NTKOperator(LinearOperator):
@@ -58,7 +61,7 @@ class NTKOperator(LinearOperator):
         select: OutputSelector | None = None,
         params: ParamSpec = None,
         chunk_size: int | None = None,
-        process_group: Any = None,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         check_output_mode(output)
         self.output = output
@@ -200,7 +203,7 @@ def ntk_operator(
     select: OutputSelector | None = None,
     params: ParamSpec = None,
     chunk_size: int | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup | None = None,
 ) -> NTKOperator:
     """The eNTK over ``inputs`` as a matrix-free, symmetric ``LinearOperator``.
 
