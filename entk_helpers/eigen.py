@@ -225,7 +225,7 @@ def _iterative(
             return _result(values, vectors, residuals, "lanczos")
         if start is not None and start.ndim == 2:
             start = start.sum(axis=1)
-        if start is None:  # ARPACK's own random start ignores the seed
+        if start is None:  # ARPACK's own start is drawn from OS entropy (scipy >= 1.15)
             start = rng.uniform(-1.0, 1.0, n)
         values, vectors = sla.eigsh(operator, k=k, which="LA", tol=tol or 0.0, v0=start,
                                     ncv=min(n, max(2 * k + 1, 20)))

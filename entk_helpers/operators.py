@@ -10,9 +10,16 @@ Limits: forward-mode AD must work through the model (PyTorch's flash / memory-ef
 attention kernels do not support it: load transformers models with
 ``attn_implementation="eager"``), and the operator vmaps over the vectors of a block, so the
 model's ops need vmap batching rules (most do).
+
+With ``process_group=`` the examples are sharded over the ranks of a ``torch.distributed``
+group (each rank passes its own contiguous shard, in rank order) and the products are
+combined by :class:`entk_helpers.distributed.ShardedProduct`: the operator has the global
+shape and takes and returns whole vectors, the same on every rank.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -34,12 +41,18 @@ from ._model import (
 from .budget import check_budget, get_memory_budget
 from .kernel_operator import KernelOperator
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 
 class NTKOperator(KernelOperator):
     """Matrix-free eNTK of ``select(model(x))`` over ``inputs``; build it with :func:`ntk_operator`.
 
     Shape ``(N*C, N*C)`` for ``output="full"`` (index ``n*C + c``), ``(N, N)`` for
-    ``"trace"`` and ``"mean_logit"``. ``matmat_torch`` works on tensors directly.
+    ``"trace"`` and ``"mean_logit"``. ``matmat_torch`` works on tensors directly. With a
+    ``process_group`` (build it with :func:`ntk_operator`), ``inputs`` is this rank's shard,
+    N counts the examples of all ranks, and ``shards`` is the
+    :class:`~entk_helpers.distributed.ShardedProduct` that combines them (None otherwise).
     """
 
     def __init__(
@@ -51,6 +64,7 @@ class NTKOperator(KernelOperator):
         select: OutputSelector | None = None,
         params: ParamSpec = None,
         chunk_size: int | None = None,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         check_output_mode(output)
         chunk_size = check_chunk_size(chunk_size)
@@ -69,7 +83,21 @@ class NTKOperator(KernelOperator):
         self.n_examples = inputs.shape[0]
         self.n_outputs = first.shape[1]
         self.n_params = sum(v.numel() for v in self.values.values())
-        super().__init__(self.n_examples * (self.n_outputs if output == "full" else 1))
+        self.shards = None
+        if process_group is not None:
+            from .distributed import ShardedProduct, parameter_fingerprint
+
+            self.shards = ShardedProduct(process_group, self.n_examples, facts={
+                "the example shape": tuple(inputs.shape[1:]),
+                "the input dtype": str(inputs.dtype), "output=": output,
+                "the outputs per example": self.n_outputs,
+                "the parameters": [(n, tuple(v.shape), str(v.dtype))
+                                   for n, v in self.values.items()],
+                "the parameter values (sum, sum of squares)": parameter_fingerprint(self.values),
+            })
+            self.n_examples = self.shards.n_total
+        size = self.n_examples * (self.n_outputs if output == "full" else 1)
+        super().__init__(size)
 
     @property
     def _param_dtype(self) -> torch.dtype:
@@ -90,16 +118,33 @@ class NTKOperator(KernelOperator):
         check_budget(k * self.n_params * self.values[next(iter(self.values))].element_size(),
                      f"{k} parameter-space vectors", "Apply the operator to fewer vectors "
                      "at a time.", self._device)
+        if self.shards is None:
+            result = self._push(self._pull(cotangents))
+        else:
+            result = self.shards.matmat(cotangents, self._pull, self._push)
+        self._count(k)
+        return result
+
+    def _pull(self, cotangents: Tensor) -> dict[str, Tensor]:
+        """``(n, C, k)`` cotangents of this process's n examples -> J^T of them, k per
+        parameter: ``{name: (k, *shape)}``."""
+        k = cotangents.shape[-1]
         tangents = {name: torch.zeros(k, *v.shape, dtype=v.dtype, device=v.device)
                     for name, v in self.values.items()}
-        for part in chunks(self.n_examples, self.chunk_size):
+        for part in chunks(self.inputs.shape[0], self.chunk_size):
             x = self.inputs[part]
             _, pullback = vjp(lambda values, x=x: self.fn(values, x, check=False), self.values)
             (grads,) = vmap(pullback)(cotangents[part].permute(2, 0, 1).contiguous())
             for name in tangents:
                 tangents[name] += grads[name]
-        result = torch.empty_like(cotangents)
-        for part in chunks(self.n_examples, self.chunk_size):
+        return tangents
+
+    def _push(self, tangents: dict[str, Tensor]) -> Tensor:
+        """``{name: (k, *shape)}`` -> ``(n, C, k)``: J of this process's n examples."""
+        k = next(iter(tangents.values())).shape[0]
+        result = torch.empty(self.inputs.shape[0], self.n_outputs, k, dtype=self._param_dtype,
+                             device=self._device)
+        for part in chunks(self.inputs.shape[0], self.chunk_size):
             x = self.inputs[part]
 
             def push(tangent: dict[str, Tensor], x: Tensor = x) -> Tensor:
@@ -115,7 +160,6 @@ class NTKOperator(KernelOperator):
                     f"a jvp rule. Original error: {err}"
                 ) from err
             result[part] = pushed.permute(1, 2, 0)
-        self._count(k)
         return result
 
     def matmat_torch(self, vectors: Tensor) -> Tensor:
@@ -193,6 +237,7 @@ def ntk_operator(
     select: OutputSelector | None = None,
     params: ParamSpec = None,
     chunk_size: int | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> NTKOperator:
     """The eNTK over ``inputs`` as a matrix-free, symmetric ``LinearOperator``.
 
@@ -201,9 +246,23 @@ def ntk_operator(
     pass over all N examples per block of vectors (``output="trace"`` multiplies the block
     by C).
 
+    ``process_group``: a ``torch.distributed`` group (``dist.group.WORLD``): ``inputs`` is
+    then this rank's contiguous shard of the examples, in rank order
+    (:func:`entk_helpers.distributed.shard_slice`), the operator has the shape of all of them,
+    and each product takes and returns whole vectors, the same on every rank, at one
+    all-reduce of k parameter-space vectors and one all-gather per block of k vectors. Every
+    rank must build it (a collective) and apply it to the same vectors in the same order:
+    ``top_eigenpairs`` with the same seed does. A set-up error on one rank is raised on all.
+
     Example:
         >>> op = ntk_operator(model, x, select=lambda out: out[:, -1])
         >>> top = top_eigenpairs(op, k=25)
     """
-    return NTKOperator(model, inputs, output=output, select=select, params=params,
-                       chunk_size=chunk_size)
+    if process_group is None:
+        return NTKOperator(model, inputs, output=output, select=select, params=params,
+                           chunk_size=chunk_size)
+    from .distributed import build_on_every_rank
+
+    return build_on_every_rank(process_group, lambda: NTKOperator(
+        model, inputs, output=output, select=select, params=params, chunk_size=chunk_size,
+        process_group=process_group))
