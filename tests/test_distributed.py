@@ -134,7 +134,8 @@ EXPECTED_ERRORS = {
     "parameters differ": ("ShardError: the ranks disagree on the parameter values",) * 2,
     "NaN on one rank": ("ShardError: set-up failed on 1 of 2 ranks (rank 1: ValueError: the "
                         "model output contains NaN", "ValueError: the model output contains NaN"),
-    "empty shard": ("ShardError: ranks [1] passed no examples",) * 2,
+    "empty shard": ("ShardError: set-up failed on 1 of 2 ranks (rank 1: ValueError: inputs has "
+                    "no examples", "ValueError: inputs has no examples"),
     "not a group": ("TypeError: process_group must be a torch.distributed ProcessGroup",) * 2,
     "different vectors": ("ShardError: rank 0's block differs from that of ranks [1]",
                           "ShardError: rank 1's block differs from that of ranks [0]"),
