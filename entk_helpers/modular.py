@@ -100,9 +100,14 @@ class ModularMLP(nn.Module):
         hidden = self.layer1(self._one_hot(pairs)) / math.sqrt(2 * self.p)
         return self.layer2(hidden**2) / self.layer2.in_features
 
+    def preactivations(self, pairs: Tensor) -> Tensor:
+        """The hidden layer before the square, ``z = W1 x / sqrt(2p)``: ``(N, width)``, linear
+        in the one-hot input, so of rank at most 2p (for PCA baselines)."""
+        return self.layer1(self._one_hot(pairs)) / math.sqrt(2 * self.p)
+
     def hidden(self, pairs: Tensor) -> Tensor:
-        """The post-activation hidden layer ``(N, width)`` (for PCA baselines)."""
-        return (self.layer1(self._one_hot(pairs)) / math.sqrt(2 * self.p)) ** 2
+        """The post-activation hidden layer ``h = z**2``: ``(N, width)`` (for PCA baselines)."""
+        return self.preactivations(pairs) ** 2
 
     def _one_hot(self, pairs: Tensor) -> Tensor:
         """``(N, 2) -> (N, 2p)``, one-hot(a) ++ one-hot(b). A comparison rather than
