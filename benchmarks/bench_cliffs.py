@@ -35,6 +35,15 @@ The three planted misses at the defaults all have 5% noise: there the extreme va
 stands x1.1-1.2 off its neighbours and is split off as a block of one mode. The old rule
 found multi-mode blocks in 11 smooth spectra and missed 19 planted edges; comparing with the
 larger neighbourhood misses every planted edge that a steep tail follows.
+
+p = 97 (seed 0, the paper's recipe, trained on for 500 / 1000 / 2000 epochs; top 1000 modes):
+the a & b block's edge after mode 192 is a drop of x1.209 / x1.242 / x1.285 against a median
+gap of x1.002 inside the block, and the defaults find it at every length (the old rule, with
+its fixed x1.25, missed it at 500 epochs). The sum / diff "block" (modes 193-384) is no block:
+its modes span a factor of 9.1 / 17.8 / 23.9 from first to last, with gaps of up to x1.26
+inside, and the expected edge after mode 384 is only x1.004 / x1.010 / x1.006. Training longer
+spreads it further, so more epochs do not make the second cliff appear; at this modulus the
+sum and diff features are learned with unequal strengths rather than as one degenerate block.
 """
 
 from __future__ import annotations
