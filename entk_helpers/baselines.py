@@ -6,6 +6,8 @@ every method hands over the same thing: ``K`` directions over the ``N`` examples
 by eigenvalue, principal-component scores by variance, random directions in any order).
 
 - :func:`pca_directions`: the top-``k`` principal-component scores of an activation matrix.
+- :func:`nontrivial_pca_directions`: the same, stopping at the activations' rank (e.g. the
+  pre-activations of a layer fed one-hot inputs span at most as many directions as the input).
 - :func:`random_directions`: ``k`` random orthonormal directions (the chance baseline).
 - :func:`overlap_curve`: for each ``k`` in a list, the subspace overlap
   ``||Q_k^T F||_F^2`` of the first ``k`` directions with a feature family, computed for all
@@ -51,6 +53,34 @@ def pca_directions(activations: Tensor | np.ndarray, k: int) -> Tensor:
     x = x - x.mean(dim=0, keepdim=True)
     u, s, _ = torch.linalg.svd(x, full_matrices=False)
     return u[:, :k] * s[:k]
+
+
+def nontrivial_pca_directions(activations: Tensor | np.ndarray, k: int, *, center: bool = True,
+                              rtol: float = 1e-8) -> Tensor:
+    """The top principal-component scores, at most as many as the activations have rank.
+
+    Args:
+        activations: ``(N, D)`` (higher ranks flattened per example).
+        k: the most components wanted, >= 1.
+        center: subtract the mean over examples first (PCA); False gives the uncentred
+            directions, the eigenvectors of the Gram matrix ``A A^T``.
+        rtol: a singular value below ``rtol`` times the largest counts as zero.
+
+    Returns:
+        ``(N, min(k, rank))`` float64, column j = ``U[:, j] * S[j]`` (descending ``S``).
+    """
+    if k < 1:
+        raise ValueError(f"k={k}: ask for at least one component")
+    x = _as_double(activations)
+    x = x.reshape(x.shape[0], -1)
+    if center:
+        x = x - x.mean(dim=0, keepdim=True)
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    rank = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    if rank == 0:
+        raise ValueError("activations: all (centred) activations are zero; nothing to rank")
+    keep = min(k, rank)
+    return u[:, :keep] * s[:keep]
 
 
 def random_directions(n: int, k: int, seed: int = 0) -> Tensor:

@@ -44,12 +44,23 @@ def modular_addition_data(p: int) -> tuple[Tensor, Tensor]:
     return pairs, (pairs[:, 0] + pairs[:, 1]) % p
 
 
-def train_test_split(n: int, train_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """A seeded random split of ``range(n)``: (train indices, test indices), each sorted."""
+def train_test_split(n: int, train_fraction: float, seed: int, *,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """A seeded random split of ``range(n)``: (train indices, test indices), each sorted.
+
+    ``int(train_fraction * n)`` examples (rounded down, as in the author's notebooks: 588 of
+    841 at 0.7) are the first entries of ``torch.randperm(n)``, drawn from ``generator`` when
+    given (``seed`` is then unused; the indices come back on the generator's device), else
+    from a fresh CPU generator seeded with ``seed``.
+    """
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction={train_fraction} must be strictly between 0 and 1")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_train = int(round(train_fraction * n))
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=generator, device=generator.device)
+    n_train = int(train_fraction * n)
+    if not 0 < n_train < n:
+        raise ValueError(f"train_fraction={train_fraction} of n={n} leaves an empty split")
     return perm[:n_train].sort().values, perm[n_train:].sort().values
 
 
@@ -59,23 +70,44 @@ def with_equals_token(pairs: Tensor, p: int) -> Tensor:
 
 
 class ModularMLP(nn.Module):
-    """The paper's MLP. ``forward(pairs (N, 2) long) -> logits (N, p)``."""
+    """The paper's MLP. ``forward(pairs (N, 2) long) -> logits (N, p)``.
 
-    def __init__(self, p: int, width: int = 512) -> None:
+    The weights are drawn as ``nn.Linear(2p, width)``, ``nn.Linear(width, p)`` (their default
+    Kaiming-uniform draws, overwritten) and then ``N(0, 1)`` for each, in that order: the
+    order of the author's ``ModularArithmeticMLP``. From torch's global generator by default,
+    else from ``generator`` (on its device; ``device`` must then match it).
+    """
+
+    def __init__(self, p: int, width: int = 512, *, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.p = p
-        self.layer1 = nn.Linear(2 * p, width, bias=False)
-        self.layer2 = nn.Linear(width, p, bias=False)
-        for layer in (self.layer1, self.layer2):
-            nn.init.normal_(layer.weight, mean=0.0, std=1.0)
+        if generator is not None:
+            device = generator.device if device is None else torch.device(device)
+            if device.type != generator.device.type:
+                raise ValueError(f"device={device} but the generator is on "
+                                 f"{generator.device}: draw the weights where the generator is")
+        device = torch.device("cpu") if device is None else device
+        self.layer1 = nn.utils.skip_init(nn.Linear, 2 * p, width, bias=False, device=device)
+        self.layer2 = nn.utils.skip_init(nn.Linear, width, p, bias=False, device=device)
+        with torch.no_grad():
+            for layer in (self.layer1, self.layer2):   # what nn.Linear's constructor draws
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            for layer in (self.layer1, self.layer2):
+                nn.init.normal_(layer.weight, mean=0.0, std=1.0, generator=generator)
 
     def forward(self, pairs: Tensor) -> Tensor:
         hidden = self.layer1(self._one_hot(pairs)) / math.sqrt(2 * self.p)
         return self.layer2(hidden**2) / self.layer2.in_features
 
+    def preactivations(self, pairs: Tensor) -> Tensor:
+        """The hidden layer before the square, ``z = W1 x / sqrt(2p)``: ``(N, width)``, linear
+        in the one-hot input, so of rank at most 2p (for PCA baselines)."""
+        return self.layer1(self._one_hot(pairs)) / math.sqrt(2 * self.p)
+
     def hidden(self, pairs: Tensor) -> Tensor:
-        """The post-activation hidden layer ``(N, width)`` (for PCA baselines)."""
-        return (self.layer1(self._one_hot(pairs)) / math.sqrt(2 * self.p)) ** 2
+        """The post-activation hidden layer ``h = z**2``: ``(N, width)`` (for PCA baselines)."""
+        return self.preactivations(pairs) ** 2
 
     def _one_hot(self, pairs: Tensor) -> Tensor:
         """``(N, 2) -> (N, 2p)``, one-hot(a) ++ one-hot(b). A comparison rather than
@@ -83,6 +115,25 @@ class ModularMLP(nn.Module):
         classes = torch.arange(self.p, device=pairs.device)
         return torch.cat([pairs[:, :1] == classes, pairs[:, 1:2] == classes],
                          dim=1).to(self.layer1.weight.dtype)
+
+
+def paper_mlp(p: int, seed: int, *, width: int = 512, train_fraction: float = 0.7,
+              device: torch.device | str | None = None) -> tuple[ModularMLP, Tensor, Tensor]:
+    """The MLP and split drawn as in the author's notebook: one generator seeded with
+    ``seed``, first ``randperm(p*p)`` for the split, then the weights (:class:`ModularMLP`).
+
+    The author ran ``torch.manual_seed(seed)``, ``torch.randperm(p*p, device="cuda")`` and the
+    model on the GPU, so both came from the CUDA generator. The same calls on another device
+    draw from that device's generator: on the CPU the order of draws is the author's but the
+    numbers are not (the CPU generator is another algorithm).
+
+    Returns:
+        ``(model on device, train indices, test indices)``, the indices on the CPU.
+    """
+    generator = torch.Generator(device=device or "cpu").manual_seed(seed)
+    train_idx, test_idx = train_test_split(p * p, train_fraction, seed, generator=generator)
+    model = ModularMLP(p, width, generator=generator)
+    return model, train_idx.cpu(), test_idx.cpu()
 
 
 def mlp_trace_ntk(model: ModularMLP, pairs: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
