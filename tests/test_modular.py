@@ -128,9 +128,10 @@ def train_mlp(epochs: int, checkpoint: Path | None = None, eval_every: int = 1,
     return model, run
 
 
-def test_train_learns_a_learnable_task() -> None:
-    """Full-batch AdamW memorises 25 pairs with 32 hidden units within 60 epochs (it takes
-    21 here): a broken loss, optimizer step or accuracy would not get there."""
+def test_train_smoke() -> None:
+    """A known-learnable task first: full-batch AdamW memorises 25 pairs with 32 hidden units
+    within 60 epochs (it takes 21 here), which a broken loss, optimizer step or accuracy
+    would not; then the bookkeeping of a short mini-batch run."""
     torch.manual_seed(0)
     model = ModularMLP(P, width=32)
     pairs, labels = modular_addition_data(P)
@@ -143,9 +144,6 @@ def test_train_learns_a_learnable_task() -> None:
     with torch.no_grad():   # the recorded accuracy is the model's own
         predicted = model(pairs[train_idx]).argmax(-1)
     assert torch.equal(predicted, labels[train_idx])
-
-
-def test_train_smoke() -> None:
     model, run = train_mlp(6)
     history = run.history
     assert set(history) == {"epoch", "train_acc", "test_acc", "train_loss", "test_loss"}
@@ -466,3 +464,32 @@ def test_load_trained_needs_the_whole_recipe(tmp_path: Path) -> None:
     old = tmp_path / "old.pt"
     torch.save({"state_dict": model.state_dict(), "info": recipe}, old)
     assert not load_trained(old, ModularMLP(P, width=8), **recipe)
+
+
+class _PairRecorder(ModularMLP):
+    """Records the pair batches it is trained on."""
+
+    def __init__(self) -> None:
+        super().__init__(P, width=8)
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.batches.append(pairs.clone())
+        return super().forward(pairs)
+
+
+def test_randperm_batch_order_is_unchanged() -> None:
+    """The default order (the MLP's): each epoch ``train_idx[randperm]`` from one generator
+    seeded with ``seed``, cut into ``batch_size`` chunks; nothing else draws from it."""
+    pairs, labels = modular_addition_data(P)
+    train_idx, test_idx = train_test_split(P * P, 0.5, seed=0)
+    model = _PairRecorder()
+    train(model, pairs, labels, train_idx, test_idx, epochs=3, lr=1e-2, weight_decay=0.0,
+          batch_size=8, seed=5, snapshot_every=3, progress=False)
+    generator = torch.Generator().manual_seed(5)
+    expected = [pairs[chunk] for _ in range(3)
+                for chunk in train_idx[torch.randperm(len(train_idx), generator=generator)]
+                .split(8)]
+    assert len(model.batches) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(model.batches, expected))
