@@ -517,15 +517,19 @@ def load_trained(path: str | Path, model: nn.Module, **recipe: object) -> bool:
     """Load parameters saved by :func:`save_trained` into ``model``; return whether it did.
 
     It does only if the file exists, was written by this version of :func:`save_trained`
-    and its recipe equals ``recipe`` exactly: the same settings, no more, no fewer, so a
-    model trained another way (or by older code) is never reused. Only tensors and plain
-    data are read (``weights_only``): a file that would run code when unpickled is refused
-    with an error.
+    and its recorded recipe equals the one asked for exactly, so a model trained another way
+    (or by older code) is never reused. For a :class:`OneLayerTransformer` the settings not
+    given are the paper's (:data:`PAPER_TRANSFORMER`): ``load_trained(path, model, p=29,
+    seed=2, epochs=4000)`` asks for the author's run at seed 2 and nothing else. For other
+    models the recipe asked for is ``recipe`` itself. Only tensors and plain data are read
+    (``weights_only``): a file that would run code when unpickled is refused with an error.
     """
     path = Path(path)
     if not path.exists():
         return False
     saved = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    if isinstance(model, OneLayerTransformer):
+        recipe = {**PAPER_TRANSFORMER, **recipe}
     if saved.get("format") != _TRAINED_FORMAT or saved.get("info") != recipe:
         return False
     model.load_state_dict(saved["state_dict"])

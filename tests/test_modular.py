@@ -493,3 +493,18 @@ def test_randperm_batch_order_is_unchanged() -> None:
                 .split(8)]
     assert len(model.batches) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(model.batches, expected))
+
+
+def test_load_trained_completes_a_transformer_recipe_with_the_papers(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = OneLayerTransformer(29)
+    path = save_trained(tmp_path / "tf.pt", model, **paper_transformer_recipe(2, 4000, 29))
+    assert load_trained(path, OneLayerTransformer(29), p=29, seed=2, epochs=4000)
+    assert not load_trained(path, OneLayerTransformer(29), p=29, seed=3, epochs=4000)
+    assert not load_trained(path, OneLayerTransformer(29), p=29, seed=2, epochs=4000, lr=1e-3)
+    other = save_trained(tmp_path / "other.pt", model,
+                         **{**paper_transformer_recipe(2, 4000, 29), "batch_size": 32})
+    assert not load_trained(other, OneLayerTransformer(29), p=29, seed=2, epochs=4000)
+    # the settings alone, without the paper's for the rest, are another recipe
+    bare = save_trained(tmp_path / "bare.pt", model, p=29, seed=2, epochs=4000)
+    assert not load_trained(bare, OneLayerTransformer(29), p=29, seed=2, epochs=4000)
