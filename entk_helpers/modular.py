@@ -7,9 +7,12 @@ the paper (after Gromov 2023 and Nanda et al. 2023):
 - :class:`ModularMLP`: one-hot(a) ++ one-hot(b) -> Linear(2p, width)/sqrt(2p) -> x^2 ->
   Linear(width, p)/width, weights N(0, 1), no biases.
 - :class:`OneLayerTransformer`: tokens (a, b, "="), learned token and position embeddings,
-  one causal attention layer and one ReLU MLP, no LayerNorm, no biases; its tensors are
-  ``nn.Linear`` / ``nn.Embedding`` modules named as in the paper (W_E, W_pos, W_Q, W_K, W_V,
-  W_O, W_in, W_out, W_U) so the structured eNTK applies to every one of them.
+  one causal attention layer and one ReLU MLP, no LayerNorm, no biases, initialised exactly
+  as the author's notebook draws it; its tensors are ``nn.Linear`` / ``nn.Embedding``
+  modules named as in the paper (W_E, W_pos, W_Q, W_K, W_V, W_O, W_in, W_out, W_U) so the
+  structured eNTK applies to every one of them. :func:`train_paper_transformer` runs the
+  author's recipe: the same initial weights, split (:func:`paper_transformer_split`) and
+  batch order.
 
 :func:`train` runs either (full batch or mini-batch AdamW), records accuracy and loss each
 epoch, keeps parameter snapshots every few epochs for eNTKs over training, and can
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -162,29 +166,48 @@ class OneLayerTransformer(nn.Module):
     """The paper's one-layer transformer (no LayerNorm, no biases, ReLU MLP, causal).
 
     ``forward(tokens (N, T) long) -> logits (N, T, vocab)``; ``p`` and "=" make vocab p + 1.
-    Initialisation N(0, 1/d) for a matrix with input dimension d.
+
+    Initialised as in the author's released notebook (``modular_arithmetic_transformer_v4``):
+    nine draws ``torch.randn(shape) / sqrt(s)``, in this order, from ``generator`` (default:
+    torch's global generator, so ``torch.manual_seed(seed)`` first gives the author's weights
+    at that seed): W_E (vocab, d_model), s = d_model; W_pos (n_ctx, d_model), s = d_model;
+    W_Q, W_K, W_V (n_heads, d_head, d_model), s = d_model; W_O (d_model, d_model),
+    s = d_model; W_in (d_model, d_mlp), s = d_mlp; W_out (d_mlp, d_model), s = d_model;
+    W_U (d_model, vocab), s = vocab. The module names are the paper's, and each is an
+    ``nn.Embedding`` or bias-free ``nn.Linear`` so the structured eNTK applies to all nine;
+    ``nn.Linear`` stores ``(out, in)``, so W_in, W_out and W_U hold the drawn tensor
+    transposed, and W_Q, W_K, W_V the drawn tensor with (head, d_head) flattened into rows.
     """
 
     def __init__(self, p: int, d_model: int = 64, n_heads: int = 4, d_mlp: int = 256,
-                 n_ctx: int = 3) -> None:
+                 n_ctx: int = 3, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         vocab = p + 1
         self.p, self.n_heads, self.d_head = p, n_heads, d_model // n_heads
-        self.W_E = nn.Embedding(vocab, d_model)
-        self.W_pos = nn.Embedding(n_ctx, d_model)
-        self.W_Q = nn.Linear(d_model, d_model, bias=False)
-        self.W_K = nn.Linear(d_model, d_model, bias=False)
-        self.W_V = nn.Linear(d_model, d_model, bias=False)
-        self.W_O = nn.Linear(d_model, d_model, bias=False)
-        self.W_in = nn.Linear(d_model, d_mlp, bias=False)
-        self.W_out = nn.Linear(d_mlp, d_model, bias=False)
-        self.W_U = nn.Linear(d_model, vocab, bias=False)
-        for emb in (self.W_E, self.W_pos):
-            nn.init.normal_(emb.weight, std=1 / math.sqrt(d_model))
-        for lin in (self.W_Q, self.W_K, self.W_V, self.W_O, self.W_in, self.W_out, self.W_U):
-            nn.init.normal_(lin.weight, std=1 / math.sqrt(lin.in_features))
+        # skip_init: the modules' own initialisers would draw from the global generator
+        self.W_E = nn.utils.skip_init(nn.Embedding, vocab, d_model)
+        self.W_pos = nn.utils.skip_init(nn.Embedding, n_ctx, d_model)
+        for name, (d_in, d_out) in {"W_Q": (d_model, d_model), "W_K": (d_model, d_model),
+                                    "W_V": (d_model, d_model), "W_O": (d_model, d_model),
+                                    "W_in": (d_model, d_mlp), "W_out": (d_mlp, d_model),
+                                    "W_U": (d_model, vocab)}.items():
+            setattr(self, name, nn.utils.skip_init(nn.Linear, d_in, d_out, bias=False))
+
+        def draw(*shape: int, scale: int) -> Tensor:
+            return torch.randn(*shape, generator=generator) / math.sqrt(scale)
+
+        with torch.no_grad():
+            self.W_E.weight.copy_(draw(vocab, d_model, scale=d_model))
+            self.W_pos.weight.copy_(draw(n_ctx, d_model, scale=d_model))
+            for lin in (self.W_Q, self.W_K, self.W_V):   # (heads, d_head, d_model) -> rows
+                lin.weight.copy_(draw(n_heads, self.d_head, d_model, scale=d_model)
+                                 .reshape(d_model, d_model))
+            self.W_O.weight.copy_(draw(d_model, d_model, scale=d_model))
+            self.W_in.weight.copy_(draw(d_model, d_mlp, scale=d_mlp).T)
+            self.W_out.weight.copy_(draw(d_mlp, d_model, scale=d_model).T)
+            self.W_U.weight.copy_(draw(d_model, vocab, scale=vocab).T)
 
     def residual(self, tokens: Tensor) -> dict[str, Tensor]:
         """Activations: ``embed``, ``attn_out``, ``mid`` (N, T, d_model), ``mlp_hidden``
@@ -208,6 +231,37 @@ class OneLayerTransformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.W_U(self.residual(tokens)["resid_final"])
+
+
+def paper_transformer_split(p: int, train_fraction: float = 0.5,
+                            seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The author's transformer split: (train rows, test rows), in the author's order.
+
+    As in the released notebook: the list of pairs in row-major order, shuffled by Python's
+    ``random.shuffle`` after ``random.seed(seed)`` (seed 0 there); the first
+    ``int(train_fraction * p * p)`` are train. Rows are ``a * p + b``, in the shuffled
+    order (the order the author's DataLoader indexes). Python's global generator is left as
+    it was.
+    """
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction={train_fraction} must be strictly between 0 and 1")
+    rows = list(range(p * p))
+    random.Random(seed).shuffle(rows)
+    n_train = int(train_fraction * len(rows))
+    return torch.tensor(rows[:n_train]), torch.tensor(rows[n_train:])
+
+
+def _dataloader_order(generator: torch.Generator, n: int) -> Tensor:
+    """The sample order one pass of ``DataLoader(..., shuffle=True)`` (no generator given)
+    takes, drawing from ``generator`` where the DataLoader draws from torch's global one:
+    an int64 base seed for the iterator, an int64 seed for the sampler's own generator,
+    then that generator's ``randperm(n)``."""
+    _draw_seed(generator)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_draw_seed(generator)))
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
 
 @dataclass
@@ -241,6 +295,10 @@ class TrainingRun:
         return float(self.history[metric][hits[0]])
 
 
+# checkpoints written before train() had batch_order / extra_draws_every ordered as these say
+_SETTINGS_BEFORE_BATCH_ORDER = {"batch_order": "randperm", "extra_draws_every": None}
+
+
 def _loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
     if kind == "mse":
         return F.mse_loss(logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype))
@@ -265,6 +323,9 @@ def train(
     snapshot_every: int = 10,
     eval_every: int = 1,
     seed: int = 0,
+    generator: torch.Generator | None = None,
+    batch_order: str = "randperm",
+    extra_draws_every: int | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
     cpu_threads: int | None = 1,
@@ -281,6 +342,16 @@ def train(
         eval_every: evaluate accuracy and loss on all inputs every this many epochs (and at 0
             and the last epoch). Evaluation does not touch the training trajectory; a
             larger value only makes long mini-batch runs cheaper and the curves coarser.
+        seed: seeds the generator that orders the batches (recorded in checkpoints).
+        generator: order the batches with this generator instead of a fresh one seeded with
+            ``seed`` (e.g. the one that drew the model's initial weights, continuing).
+        batch_order: ``"randperm"``, each epoch ``train_idx[randperm]`` from the generator;
+            or ``"dataloader"``, the order ``torch.utils.data.DataLoader(shuffle=True)`` over
+            ``train_idx`` takes when it draws from torch's global generator (the author's
+            transformer run), with ``generator`` standing in for that global one.
+        extra_draws_every: with ``batch_order="dataloader"``: after epochs 1, 1 + k,
+            1 + 2k, ... also draw the three seeds that the author's logging drew there (one
+            pass over a test DataLoader, one more over the train DataLoader; k = 20 there).
         checkpoint: a file to save the run to (atomically) every ``checkpoint_every`` epochs
             (default ``snapshot_every``) and at the end, and to resume from if it exists: an
             interrupted run continues, a finished one is read back without training. It
@@ -300,6 +371,11 @@ def train(
         raise ValueError(f"snapshot_every={snapshot_every}, eval_every={eval_every}, "
                          f"checkpoint_every={checkpoint_every}: all must be positive numbers "
                          "of epochs")
+    if batch_order not in ("randperm", "dataloader"):
+        raise ValueError(f"batch_order={batch_order!r}; use 'randperm' or 'dataloader'")
+    if extra_draws_every is not None and (batch_order != "dataloader" or extra_draws_every < 1):
+        raise ValueError(f"extra_draws_every={extra_draws_every}: use a positive number of "
+                         "epochs, with batch_order='dataloader' (or None)")
     if cpu_threads is not None and cpu_threads < 1:
         raise ValueError(f"cpu_threads={cpu_threads}: use a positive number, or None to keep "
                          "torch's current setting")
@@ -308,7 +384,7 @@ def train(
     # fused: one kernel per step instead of a dozen small ops per tensor (CPU and CUDA)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
                                   betas=betas, fused=device.type in ("cpu", "cuda"))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if generator is None else generator
     keys = ("epoch", "train_acc", "test_acc", "train_loss", "test_loss")
     history: dict[str, list[float]] = {k: [] for k in keys}
     snapshots: dict[int, dict[str, Tensor]] = {}
@@ -319,12 +395,15 @@ def train(
     settings = {"lr": lr, "weight_decay": weight_decay, "loss": loss, "batch_size": batch_size,
                 "betas": tuple(betas), "logits_at": logits_at, "n_classes": n_classes,
                 "snapshot_every": snapshot_every, "eval_every": eval_every, "seed": seed,
-                "train_idx": train_idx.tolist(), "n_inputs": len(inputs)}
+                "train_idx": train_idx.tolist(), "n_inputs": len(inputs),
+                "batch_order": batch_order, "extra_draws_every": extra_draws_every}
     if path and path.exists():
         # on the CPU: the generator's state must stay a CPU ByteTensor; load_state_dict moves
-        # the model's and the optimizer's tensors to the model's device
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        differ = sorted(k for k, v in settings.items() if state.get("settings", {}).get(k) != v)
+        # the model's and the optimizer's tensors to the model's device. weights_only: a
+        # checkpoint is data (tensors, numbers, lists), never code to run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = {**_SETTINGS_BEFORE_BATCH_ORDER, **state.get("settings", {})}
+        differ = sorted(k for k, v in settings.items() if saved.get(k) != v)
         if differ:
             raise ValueError(f"checkpoint {path} was written by a run with other {differ}; "
                              "delete it, or pass another checkpoint path for these settings")
@@ -366,11 +445,17 @@ def train(
         bar = progress_bar(range(start + 1, epochs + 1), desc="training", disable=not progress,
                            initial=start, total=epochs)
         for epoch in bar:
-            order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+            if batch_order == "dataloader":
+                order = train_idx[_dataloader_order(generator, len(train_idx))]
+            else:
+                order = train_idx[torch.randperm(len(train_idx), generator=generator)]
             for batch in order.split(batch_size or len(order)):
                 optimizer.zero_grad(set_to_none=True)
                 _loss(logits_of(inputs[batch]), labels[batch], loss).backward()
                 optimizer.step()
+            if extra_draws_every and (epoch - 1) % extra_draws_every == 0:
+                for _ in range(3):
+                    _draw_seed(generator)
             if epoch % eval_every == 0 or epoch == epochs:
                 evaluate(epoch)
             if epoch % snapshot_every == 0:
@@ -388,6 +473,66 @@ def train(
                        seconds_before + (time.perf_counter() - began if start < epochs else 0.0))
 
 
+# The author's transformer recipe (released notebook modular_arithmetic_transformer_v4): the
+# settings besides the seed that shape the trained weights
+PAPER_TRANSFORMER = {"p": 29, "d_model": 64, "n_heads": 4, "d_mlp": 256,
+                     "train_fraction": 0.5, "split_seed": 0, "lr": 3e-4, "weight_decay": 1.0,
+                     "betas": (0.9, 0.999), "batch_size": 64, "loss": "cross_entropy",
+                     "batch_order": "dataloader", "extra_draws_every": 20, "epochs": 4000}
+
+
+def paper_transformer_recipe(seed: int = 2, epochs: int = 4000, p: int = 29) -> dict:
+    """Everything that shapes :func:`train_paper_transformer`'s weights: the recipe to give
+    :func:`save_trained` and :func:`load_trained`."""
+    return {**PAPER_TRANSFORMER, "p": p, "epochs": epochs, "seed": seed}
+
+
+def train_paper_transformer(
+    seed: int = 2,
+    *,
+    p: int = 29,
+    epochs: int = 4000,
+    snapshot_every: int = 20,
+    eval_every: int = 10,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[OneLayerTransformer, TrainingRun]:
+    """The author's transformer run at ``seed`` (the paper's is 2): init, split, batches.
+
+    One generator seeded with ``seed`` plays the author's global generator after
+    ``torch.manual_seed(seed)``: it draws the initial weights (:class:`OneLayerTransformer`),
+    then each epoch's DataLoader order, plus the three seeds the author's logging drew after
+    epochs 1, 21, 41, ... . The split is :func:`paper_transformer_split` (Python ``random``,
+    seed 0, whatever ``seed`` is), the loss cross-entropy on the first ``p`` logits at the
+    last position, AdamW lr 3e-4, weight decay 1.0, batch 64, as in :data:`PAPER_TRANSFORMER`.
+    On another device than the author's GPU the trajectory parts in floating point.
+
+    Returns:
+        the trained model (in eval mode, on ``device``) and its :class:`TrainingRun`
+        (history over all ``p * p`` inputs every ``eval_every`` epochs, snapshots every
+        ``snapshot_every``). Epoch e here is after e epochs of training; the author logged
+        epoch e after e + 1.
+    """
+    recipe = PAPER_TRANSFORMER
+    generator = torch.Generator().manual_seed(seed)
+    model = OneLayerTransformer(p, recipe["d_model"], recipe["n_heads"], recipe["d_mlp"],
+                                generator=generator).to(device)
+    train_idx, test_idx = paper_transformer_split(p, recipe["train_fraction"],
+                                                  recipe["split_seed"])
+    pairs, labels = modular_addition_data(p)
+    run = train(model, with_equals_token(pairs, p), labels, train_idx, test_idx,
+                epochs=epochs, lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                betas=recipe["betas"], loss=recipe["loss"], batch_size=recipe["batch_size"],
+                logits_at=-1, n_classes=p, snapshot_every=snapshot_every,
+                eval_every=eval_every, seed=seed, generator=generator,
+                batch_order=recipe["batch_order"],
+                extra_draws_every=recipe["extra_draws_every"], checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every, progress=progress)
+    return model, run
+
+
 @contextmanager
 def _intra_op_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` intra-op threads (None: as they are), restoring them after."""
@@ -400,25 +545,43 @@ def _intra_op_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def save_trained(path: str | Path, model: nn.Module, **info: object) -> Path:
-    """Save a trained model's parameters with a description (``p``, ``seed``, ...), atomically.
+# files written by save_trained before the transformer's initialisation was the paper's carry
+# no format number; load_trained never reuses them
+_TRAINED_FORMAT = 2
 
-    Notebooks save their final models under ``results/<name>/`` so later notebooks can reuse
-    them; :func:`load_trained` only accepts a file whose description matches.
+
+def save_trained(path: str | Path, model: nn.Module, **recipe: object) -> Path:
+    """Save a trained model's parameters with its recipe, atomically.
+
+    ``recipe``: every setting that shaped the weights (``p``, ``seed``, ``epochs``, learning
+    rate, split, ...; plain numbers, strings, lists, tuples, dicts). Notebooks save their
+    final models under ``results/<name>/`` so later notebooks can reuse them through
+    :func:`load_trained`, which reuses a file only for the very same recipe.
     """
     path = Path(path)
-    save_torch({"state_dict": model.state_dict(), "info": info}, path)
+    save_torch({"state_dict": model.state_dict(), "info": recipe, "format": _TRAINED_FORMAT},
+               path)
     return path
 
 
-def load_trained(path: str | Path, model: nn.Module, **expected: object) -> bool:
-    """Load parameters saved by :func:`save_trained` into ``model`` if the file exists and
-    its description has every ``expected`` key equal; return whether it did."""
+def load_trained(path: str | Path, model: nn.Module, **recipe: object) -> bool:
+    """Load parameters saved by :func:`save_trained` into ``model``; return whether it did.
+
+    It does only if the file exists, was written by this version of :func:`save_trained`
+    and its recorded recipe equals the one asked for exactly, so a model trained another way
+    (or by older code) is never reused. For a :class:`OneLayerTransformer` the settings not
+    given are the paper's (:data:`PAPER_TRANSFORMER`): ``load_trained(path, model, p=29,
+    seed=2, epochs=4000)`` asks for the author's run at seed 2 and nothing else. For other
+    models the recipe asked for is ``recipe`` itself. Only tensors and plain data are read
+    (``weights_only``): a file that would run code when unpickled is refused with an error.
+    """
     path = Path(path)
     if not path.exists():
         return False
-    saved = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
-    if any(saved["info"].get(k) != v for k, v in expected.items()):
+    saved = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    if isinstance(model, OneLayerTransformer):
+        recipe = {**PAPER_TRANSFORMER, **recipe}
+    if saved.get("format") != _TRAINED_FORMAT or saved.get("info") != recipe:
         return False
     model.load_state_dict(saved["state_dict"])
     return True

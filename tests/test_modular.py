@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from ntk_references import brute_force_ntk, reduce_kernel, rel_err
+from torch.utils.data import DataLoader, TensorDataset
 
 from entk_helpers import empirical_ntk
 from entk_helpers.modular import (
@@ -16,8 +19,11 @@ from entk_helpers.modular import (
     load_trained,
     mlp_trace_ntk,
     modular_addition_data,
+    paper_transformer_recipe,
+    paper_transformer_split,
     save_trained,
     train,
+    train_paper_transformer,
     train_test_split,
     with_equals_token,
 )
@@ -123,6 +129,21 @@ def train_mlp(epochs: int, checkpoint: Path | None = None, eval_every: int = 1,
 
 
 def test_train_smoke() -> None:
+    """A known-learnable task first: full-batch AdamW memorises 25 pairs with 32 hidden units
+    within 60 epochs (it takes 21 here), which a broken loss, optimizer step or accuracy
+    would not; then the bookkeeping of a short mini-batch run."""
+    torch.manual_seed(0)
+    model = ModularMLP(P, width=32)
+    pairs, labels = modular_addition_data(P)
+    train_idx, test_idx = train_test_split(P * P, 0.5, seed=0)
+    run = train(model, pairs, labels, train_idx, test_idx, epochs=60, lr=0.05,
+                weight_decay=0.0, snapshot_every=60, progress=False)
+    assert run.history["train_acc"][0] < 0.5
+    assert run.history["train_acc"][-1] == 1.0
+    assert run.history["train_loss"][-1] < 1e-2 * run.history["train_loss"][0]
+    with torch.no_grad():   # the recorded accuracy is the model's own
+        predicted = model(pairs[train_idx]).argmax(-1)
+    assert torch.equal(predicted, labels[train_idx])
     model, run = train_mlp(6)
     history = run.history
     assert set(history) == {"epoch", "train_acc", "test_acc", "train_loss", "test_loss"}
@@ -226,13 +247,13 @@ def test_a_finished_checkpoint_is_read_back_and_other_settings_are_refused(
         tmp_path: Path) -> None:
     path = tmp_path / "run.pt"
     trained, run = train_mlp(5, checkpoint=path)
-    assert torch.load(path, weights_only=False)["epoch"] == 5   # saved at the end too
+    assert torch.load(path, weights_only=True)["epoch"] == 5   # saved at the end too
     again, run_again = train_mlp(5, checkpoint=path)             # no training: read back
     for key, value in trained.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     np.testing.assert_array_equal(run_again.history["test_acc"], run.history["test_acc"])
     assert sorted(run_again.snapshots) == sorted(run.snapshots)
-    saved_seconds = torch.load(path, weights_only=False)["seconds"]
+    saved_seconds = torch.load(path, weights_only=True)["seconds"]
     assert run_again.seconds == saved_seconds <= run.seconds   # the original run's time
     with pytest.raises(ValueError, match=r"other \['eval_every'\]"):
         train_mlp(5, checkpoint=path, eval_every=2)
@@ -249,3 +270,241 @@ def test_save_and_load_trained_check_the_description(tmp_path: Path) -> None:
     assert not torch.equal(fresh.layer1.weight, model.layer1.weight)
     assert load_trained(path, fresh, p=P, seed=0)
     assert torch.equal(fresh.layer1.weight, model.layer1.weight)
+
+
+# --- the author's transformer recipe, written here from the facts of the released notebook
+# (modular_arithmetic_transformer_v4), independently of entk_helpers.modular
+
+
+def _paper_draws(seed: int) -> dict[str, torch.Tensor]:
+    """The author's nine initial tensors, in the author's shapes and order of draws."""
+    torch.manual_seed(seed)
+    shapes = [("W_E", (30, 64), 64), ("W_pos", (3, 64), 64), ("W_Q", (4, 16, 64), 64),
+              ("W_K", (4, 16, 64), 64), ("W_V", (4, 16, 64), 64), ("W_O", (64, 64), 64),
+              ("W_in", (64, 256), 256), ("W_out", (256, 64), 64), ("W_U", (64, 30), 30)]
+    return {name: torch.randn(shape) / np.sqrt(s) for name, shape, s in shapes}
+
+
+def _as_modules(draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The drawn tensors as our modules store them (nn.Linear: (out, in))."""
+    stored = dict(draws)
+    for name in ("W_Q", "W_K", "W_V"):   # q[n, h] = sum_m W_Q[n, h, m] x[m]
+        stored[name] = draws[name].reshape(64, 64)
+    for name in ("W_in", "W_out", "W_U"):   # x @ W
+        stored[name] = draws[name].T
+    return {f"{name}.weight": value for name, value in stored.items()}
+
+
+@pytest.mark.parametrize("seed", [2, 5])
+def test_transformer_init_is_the_papers_draw(seed: int) -> None:
+    expected = _as_modules(_paper_draws(seed))
+    torch.manual_seed(seed)
+    from_global = OneLayerTransformer(29).state_dict()
+    from_generator = OneLayerTransformer(29, generator=torch.Generator().manual_seed(seed))
+    assert from_global.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(from_global[name], value), name
+        assert torch.equal(from_generator.state_dict()[name], value), name
+    # and the model computes the author's forward pass: x @ W_in, heads (n, h), ...
+    w = _paper_draws(seed)
+    tokens = with_equals_token(modular_addition_data(29)[0][::37], 29)
+    x = w["W_E"][tokens] + w["W_pos"]
+    q, k, v = (torch.einsum("nhm,bsm->bsnh", w[n], x) for n in ("W_Q", "W_K", "W_V"))
+    scores = torch.einsum("bqnh,bknh->bnqk", q, k) / 4
+    scores = scores.masked_fill(torch.ones(3, 3).triu(1).bool(), float("-inf")).softmax(-1)
+    z = torch.einsum("bnqk,bknh->bqnh", scores, v).flatten(2)
+    x = x + torch.einsum("mn,bsn->bsm", w["W_O"], z)
+    x = x + torch.relu(x @ w["W_in"]) @ w["W_out"]
+    assert torch.allclose(from_generator(tokens), x @ w["W_U"], atol=1e-5)
+
+
+def _author_split() -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    state = random.getstate()
+    pairs = [(a, b, 29) for a in range(29) for b in range(29)]
+    random.seed(0)
+    random.shuffle(pairs)
+    random.setstate(state)
+    return pairs[:int(0.5 * len(pairs))], pairs[int(0.5 * len(pairs)):]
+
+
+def test_paper_split_is_the_python_random_recipe() -> None:
+    train_pairs, test_pairs = _author_split()
+    before = random.getstate()
+    train_idx, test_idx = paper_transformer_split(29)
+    assert random.getstate() == before   # Python's global generator untouched
+    pairs, _ = modular_addition_data(29)
+    assert len(train_idx) == 420 and len(test_idx) == 421
+    assert [tuple(pairs[i].tolist()) + (29,) for i in train_idx] == train_pairs
+    assert [tuple(pairs[i].tolist()) + (29,) for i in test_idx] == test_pairs
+    with pytest.raises(ValueError, match="strictly between"):
+        paper_transformer_split(29, 0.0)
+
+
+class _BatchRecorder(OneLayerTransformer):
+    """Records the token batches it is trained on (forward in training mode)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(29, **kwargs)
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.batches.append(tokens.clone())
+        return super().forward(tokens)
+
+
+def test_dataloader_batch_order_is_the_authors() -> None:
+    """The author's loop: after the init, each epoch iterates DataLoader(shuffle=True) over
+    the train pairs, and after epochs 0, 20, 40, ... (0-based) its logging iterated the test
+    loader and the train loader once more; all of them draw from torch's global generator."""
+    train_pairs, test_pairs = _author_split()
+    _paper_draws(2)                                  # manual_seed(2) and the nine draws
+    train_loader = DataLoader(TensorDataset(torch.tensor(train_pairs)), batch_size=64,
+                              shuffle=True)
+    test_loader = DataLoader(TensorDataset(torch.tensor(test_pairs)), batch_size=64)
+    expected = []
+    for epoch in range(45):
+        expected += [x for (x,) in train_loader]
+        if epoch % 20 == 0:
+            for _ in test_loader:
+                pass
+            for _ in train_loader:
+                pass
+    generator = torch.Generator().manual_seed(2)
+    model = _BatchRecorder(generator=generator)
+    pairs, labels = modular_addition_data(29)
+    train_idx, test_idx = paper_transformer_split(29)
+    train(model, with_equals_token(pairs, 29), labels, train_idx, test_idx, epochs=45,
+          lr=0.0, weight_decay=0.0, loss="cross_entropy", batch_size=64, logits_at=-1,
+          n_classes=29, snapshot_every=45, eval_every=45, generator=generator,
+          batch_order="dataloader", extra_draws_every=20, progress=False)
+    assert len(model.batches) == len(expected) == 45 * 7
+    for step, (ours, theirs) in enumerate(zip(model.batches, expected)):
+        assert torch.equal(ours, theirs), f"step {step}"
+    with pytest.raises(ValueError, match="batch_order='dataloader'"):
+        train(model, with_equals_token(pairs, 29), labels, train_idx, test_idx, epochs=1,
+              lr=0.0, weight_decay=0.0, extra_draws_every=20, progress=False)
+    with pytest.raises(ValueError, match="'randperm' or 'dataloader'"):
+        train(model, with_equals_token(pairs, 29), labels, train_idx, test_idx, epochs=1,
+              lr=0.0, weight_decay=0.0, batch_order="sorted", progress=False)
+
+
+def test_train_paper_transformer_follows_the_authors_loop() -> None:
+    """Three epochs of the author's loop (global generator, DataLoader, AdamW lr 3e-4 and
+    weight decay 1.0, cross-entropy on the first 29 logits at "=") end at the same weights."""
+    train_pairs, test_pairs = _author_split()
+    torch.manual_seed(2)
+    reference = OneLayerTransformer(29)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=3e-4, weight_decay=1.0)
+    train_x = torch.tensor(train_pairs)
+    train_loader = DataLoader(TensorDataset(train_x, (train_x[:, 0] + train_x[:, 1]) % 29),
+                              batch_size=64, shuffle=True)
+    test_loader = DataLoader(TensorDataset(torch.tensor(test_pairs)), batch_size=64)
+    for epoch in range(3):
+        for x, y in train_loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x)[:, 2, :29], y).backward()
+            optimizer.step()
+        if epoch % 20 == 0:
+            for _ in test_loader:
+                pass
+            for _ in train_loader:
+                pass
+    model, run = train_paper_transformer(2, epochs=3, snapshot_every=1, progress=False)
+    initial = _as_modules(_paper_draws(2))
+    for name, value in reference.state_dict().items():
+        assert torch.equal(run.snapshots[0][name], initial[name]), name
+        assert torch.allclose(model.state_dict()[name], value, atol=1e-6), name
+        assert not torch.allclose(value, initial[name], atol=1e-6), name
+    assert run.history["epoch"].tolist() == [0, 3]
+    recipe = paper_transformer_recipe(2, epochs=3)
+    assert recipe["seed"] == 2 and recipe["epochs"] == 3 and recipe["lr"] == 3e-4
+
+
+class _RunsCode:
+    """Unpickling this creates ``marker``: a stand-in for a malicious payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def test_load_trained_and_checkpoints_refuse_a_pickle_payload(tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    model = ModularMLP(P, width=8)
+    bad = tmp_path / "model.pt"
+    torch.save({"state_dict": model.state_dict(), "info": {"p": P}, "format": 2,
+                "payload": _RunsCode(marker)}, bad)
+    with pytest.raises(pickle.UnpicklingError):
+        load_trained(bad, model, p=P)
+    assert not marker.exists()
+    checkpoint = tmp_path / "run.pt"
+    torch.save({"payload": _RunsCode(marker)}, checkpoint)
+    with pytest.raises(pickle.UnpicklingError):
+        train_mlp(2, checkpoint=checkpoint)
+    assert not marker.exists()
+    torch.load(checkpoint, weights_only=False)   # the payload is real: unpickled, it runs
+    assert marker.exists()
+
+
+def test_load_trained_needs_the_whole_recipe(tmp_path: Path) -> None:
+    model = ModularMLP(P, width=8)
+    recipe = {"p": P, "seed": 0, "epochs": 5, "lr": 0.05, "betas": (0.9, 0.999)}
+    path = save_trained(tmp_path / "mlp.pt", model, **recipe)
+    fresh = ModularMLP(P, width=8)
+    assert not load_trained(path, fresh, p=P, seed=0, epochs=5)           # fewer settings
+    assert not load_trained(path, fresh, **recipe, weight_decay=0.01)     # more settings
+    assert not load_trained(path, fresh, **{**recipe, "lr": 0.01})        # another value
+    assert not torch.equal(fresh.layer1.weight, model.layer1.weight)
+    assert load_trained(path, fresh, **recipe)
+    assert torch.equal(fresh.layer1.weight, model.layer1.weight)
+    # a file from before the recipe was recorded this way (no format number) is not reused
+    old = tmp_path / "old.pt"
+    torch.save({"state_dict": model.state_dict(), "info": recipe}, old)
+    assert not load_trained(old, ModularMLP(P, width=8), **recipe)
+
+
+class _PairRecorder(ModularMLP):
+    """Records the pair batches it is trained on."""
+
+    def __init__(self) -> None:
+        super().__init__(P, width=8)
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.batches.append(pairs.clone())
+        return super().forward(pairs)
+
+
+def test_randperm_batch_order_is_unchanged() -> None:
+    """The default order (the MLP's): each epoch ``train_idx[randperm]`` from one generator
+    seeded with ``seed``, cut into ``batch_size`` chunks; nothing else draws from it."""
+    pairs, labels = modular_addition_data(P)
+    train_idx, test_idx = train_test_split(P * P, 0.5, seed=0)
+    model = _PairRecorder()
+    train(model, pairs, labels, train_idx, test_idx, epochs=3, lr=1e-2, weight_decay=0.0,
+          batch_size=8, seed=5, snapshot_every=3, progress=False)
+    generator = torch.Generator().manual_seed(5)
+    expected = [pairs[chunk] for _ in range(3)
+                for chunk in train_idx[torch.randperm(len(train_idx), generator=generator)]
+                .split(8)]
+    assert len(model.batches) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(model.batches, expected))
+
+
+def test_load_trained_completes_a_transformer_recipe_with_the_papers(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = OneLayerTransformer(29)
+    path = save_trained(tmp_path / "tf.pt", model, **paper_transformer_recipe(2, 4000, 29))
+    assert load_trained(path, OneLayerTransformer(29), p=29, seed=2, epochs=4000)
+    assert not load_trained(path, OneLayerTransformer(29), p=29, seed=3, epochs=4000)
+    assert not load_trained(path, OneLayerTransformer(29), p=29, seed=2, epochs=4000, lr=1e-3)
+    other = save_trained(tmp_path / "other.pt", model,
+                         **{**paper_transformer_recipe(2, 4000, 29), "batch_size": 32})
+    assert not load_trained(other, OneLayerTransformer(29), p=29, seed=2, epochs=4000)
+    # the settings alone, without the paper's for the rest, are another recipe
+    bare = save_trained(tmp_path / "bare.pt", model, p=29, seed=2, epochs=4000)
+    assert not load_trained(bare, OneLayerTransformer(29), p=29, seed=2, epochs=4000)
