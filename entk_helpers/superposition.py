@@ -57,7 +57,7 @@ class ToyModel(nn.Module):
 
     def __init__(self, n_features: int, n_hidden: int, *, seed: int = 0) -> None:
         super().__init__()
-        if not 1 <= n_hidden:
+        if n_hidden < 1:
             raise ValueError(f"n_hidden={n_hidden} must be at least 1")
         generator = torch.Generator().manual_seed(seed)
         self.W = nn.Parameter(nn.init.xavier_normal_(torch.empty(n_hidden, n_features),
