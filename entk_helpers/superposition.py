@@ -15,6 +15,8 @@ which outputs (features) an eigenvector of the ``(N*C, N*C)`` kernel lives on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
@@ -163,3 +165,43 @@ def output_mass(vectors: Tensor | np.ndarray, n_outputs: int) -> Tensor:
                          f"{tuple(v.shape)}")
     mass = (v.reshape(-1, n_outputs, v.shape[1]) ** 2).sum(dim=0).T
     return mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+@dataclass
+class ModeFeatures:
+    """Which feature each eigenvector of a full TMS kernel is on, and whether it tracks it.
+
+    ``feature`` (k,) long: the output with the largest share of the mode's squared norm;
+    ``share`` (k,): that share; ``off_ratio`` (k,): the fraction of the mode's mass on that
+    output that sits on data points where the feature is zero, divided by the fraction of
+    such points. About 1: the mode ignores whether its feature is present (e.g. the bias
+    mode of an output that is always on); near 0: the mode lives where the feature is.
+    """
+
+    feature: Tensor
+    share: Tensor
+    off_ratio: Tensor
+
+    def tracking(self, min_share: float = 0.5, max_off_ratio: float = 0.75) -> Tensor:
+        """``(k,)`` bool: modes mostly on one output that vanish where its feature is off."""
+        return (self.share >= min_share) & (self.off_ratio < max_off_ratio)
+
+
+def mode_features(vectors: Tensor | np.ndarray, data: Tensor) -> ModeFeatures:
+    """:class:`ModeFeatures` of eigenvectors ``(N*C, k)`` (rows ``n*C + c``) of the full
+    kernel of a TMS model over ``data`` ``(N, C)``."""
+    n, c = data.shape
+    v = torch.as_tensor(np.ascontiguousarray(vectors) if isinstance(vectors, np.ndarray)
+                        else vectors).detach().cpu().double()
+    if v.ndim != 2 or v.shape[0] != n * c:
+        raise ValueError(f"vectors must be (N*C, k) = ({n * c}, k) for data of shape "
+                         f"{tuple(data.shape)}; got {tuple(v.shape)}")
+    squares = v.reshape(n, c, -1) ** 2                        # (N, C, k)
+    mass = squares.sum(dim=0).T                               # (k, C)
+    share, feature = (mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-300)).max(dim=1)
+    off = (data.detach().cpu() == 0).double()                 # (N, C)
+    rows = torch.arange(v.shape[1])
+    off_mass = (squares * off[:, :, None]).sum(dim=0).T[rows, feature]
+    off_fraction = off.mean(dim=0)[feature].clamp_min(1e-300)
+    off_ratio = off_mass / mass[rows, feature].clamp_min(1e-300) / off_fraction
+    return ModeFeatures(feature, share, off_ratio)

@@ -13,6 +13,7 @@ from entk_helpers.superposition import (
     ToyModel,
     feature_importance,
     importance_weighted_mse,
+    mode_features,
     output_mass,
     output_weighted,
     per_feature_error,
@@ -123,3 +124,25 @@ def test_bad_arguments_are_named() -> None:
         feature_importance(3, 0.0)
     with pytest.raises(ValueError, match="n_hidden"):
         ToyModel(3, 0)
+
+
+def test_mode_features_against_a_loop() -> None:
+    data = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    v = torch.randn(4 * 3, 3, dtype=torch.float64)
+    v[torch.arange(4) * 3 + 0, 0] = torch.tensor([2.0, 0.0, 3.0, 0.0], dtype=torch.float64)
+    v[torch.arange(4) * 3 + 2, 1] = 5.0            # output 2, spread over all points
+    got = mode_features(v, data)
+    for j in range(3):
+        per_output = [sum(float(v[n * 3 + c, j]) ** 2 for n in range(4)) for c in range(3)]
+        c = int(np.argmax(per_output))
+        assert int(got.feature[j]) == c
+        assert abs(float(got.share[j]) - per_output[c] / sum(per_output)) < 1e-12
+        off = [n for n in range(4) if data[n, c] == 0]
+        off_mass = sum(float(v[n * 3 + c, j]) ** 2 for n in off)
+        expected = off_mass / per_output[c] / (len(off) / 4)
+        assert abs(float(got.off_ratio[j]) - expected) < 1e-12
+    assert float(got.off_ratio[0]) < 1e-12              # lives only where feature 0 is on
+    assert abs(float(got.off_ratio[1]) - 1.0) < 1e-12    # ignores feature 2's presence
+    assert got.tracking().tolist()[:2] == [True, False]
+    with pytest.raises(ValueError, match="vectors must be"):
+        mode_features(torch.randn(10, 2), data)
