@@ -9,8 +9,10 @@ carries importance ``I_i = decay**i`` in an importance-weighted MSE. A feature c
 
 Because the loss weights output i by ``I_i``, the function-space kernel of the training
 dynamics is ``D^(1/2) K D^(1/2)`` with ``D = diag(I)`` on the outputs (index ``n*C + c``):
-:func:`output_weighted` wraps a full eNTK operator that way, and :func:`output_mass` shows
-which outputs (features) an eigenvector of the ``(N*C, N*C)`` kernel lives on.
+:func:`output_weighted` wraps a full eNTK operator that way. :func:`output_mass` shows
+which outputs (features) an eigenvector of the ``(N*C, N*C)`` kernel lives on, and
+:func:`feature_coverage` whether an eigen-block lives where each feature is present (a
+represented feature) or everywhere (the bias mode of an output that is always on).
 """
 
 from __future__ import annotations
@@ -132,6 +134,11 @@ class _OutputWeighted(LinearOperator):
     def _adjoint(self) -> LinearOperator:
         return self
 
+    @property
+    def n_matvecs(self) -> int:
+        """Products of the wrapped operator so far (0 if it does not count them)."""
+        return getattr(self.operator, "n_matvecs", 0)
+
 
 def output_weighted(operator: LinearOperator, weights: Tensor | np.ndarray) -> LinearOperator:
     """``D^(1/2) K D^(1/2)`` for a full ``(N*C, N*C)`` kernel K, ``D = I_N kron diag(weights)``.
@@ -169,39 +176,56 @@ def output_mass(vectors: Tensor | np.ndarray, n_outputs: int) -> Tensor:
 
 @dataclass
 class ModeFeatures:
-    """Which feature each eigenvector of a full TMS kernel is on, and whether it tracks it.
+    """Which output (feature) each eigenvector of a full TMS kernel lives on.
 
     ``feature`` (k,) long: the output with the largest share of the mode's squared norm;
-    ``share`` (k,): that share; ``off_ratio`` (k,): the fraction of the mode's mass on that
-    output that sits on data points where the feature is zero, divided by the fraction of
-    such points. About 1: the mode ignores whether its feature is present (e.g. the bias
-    mode of an output that is always on); near 0: the mode lives where the feature is.
+    ``share`` (k,): that share.
     """
 
     feature: Tensor
     share: Tensor
+
+
+def mode_features(vectors: Tensor | np.ndarray, n_outputs: int) -> ModeFeatures:
+    """:class:`ModeFeatures` of eigenvectors ``(N*C, k)`` (rows ``n*C + c``), C = n_outputs."""
+    share, feature = output_mass(vectors, n_outputs).max(dim=1)
+    return ModeFeatures(feature, share)
+
+
+@dataclass
+class FeatureCoverage:
+    """How an eigen-block of a full TMS kernel covers each feature (output).
+
+    ``coverage`` (C,): the block's squared norm on output c, summed over its orthonormal
+    vectors (the trace of the block's projector on that output; they add up to the block's
+    dimension, and a block with one mode per output gives about 1 each). ``off_ratio`` (C,):
+    the share of that mass on data points where feature c is zero, divided by the fraction
+    of such points. About 1: the block ignores whether the feature is present (e.g. the
+    bias mode of an output that is always on); near 0: it lives where the feature is.
+    Both are invariant under rotations inside the block, so near-degenerate eigenvalues that
+    mix their vectors do not change them.
+    """
+
+    coverage: Tensor
     off_ratio: Tensor
 
-    def tracking(self, min_share: float = 0.5, max_off_ratio: float = 0.75) -> Tensor:
-        """``(k,)`` bool: modes mostly on one output that vanish where its feature is off."""
-        return (self.share >= min_share) & (self.off_ratio < max_off_ratio)
+    def tracked(self, min_coverage: float = 0.5, max_off_ratio: float = 0.75) -> Tensor:
+        """``(C,)`` bool: features the block covers and that it sees only where present."""
+        return (self.coverage >= min_coverage) & (self.off_ratio < max_off_ratio)
 
 
-def mode_features(vectors: Tensor | np.ndarray, data: Tensor) -> ModeFeatures:
-    """:class:`ModeFeatures` of eigenvectors ``(N*C, k)`` (rows ``n*C + c``) of the full
-    kernel of a TMS model over ``data`` ``(N, C)``."""
+def feature_coverage(vectors: Tensor | np.ndarray, data: Tensor) -> FeatureCoverage:
+    """:class:`FeatureCoverage` of an orthonormal block ``(N*C, k)`` (rows ``n*C + c``) of the
+    full kernel of a TMS model over ``data`` ``(N, C)``."""
     n, c = data.shape
     v = torch.as_tensor(np.ascontiguousarray(vectors) if isinstance(vectors, np.ndarray)
                         else vectors).detach().cpu().double()
     if v.ndim != 2 or v.shape[0] != n * c:
         raise ValueError(f"vectors must be (N*C, k) = ({n * c}, k) for data of shape "
                          f"{tuple(data.shape)}; got {tuple(v.shape)}")
-    squares = v.reshape(n, c, -1) ** 2                        # (N, C, k)
-    mass = squares.sum(dim=0).T                               # (k, C)
-    share, feature = (mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-300)).max(dim=1)
-    off = (data.detach().cpu() == 0).double()                 # (N, C)
-    rows = torch.arange(v.shape[1])
-    off_mass = (squares * off[:, :, None]).sum(dim=0).T[rows, feature]
-    off_fraction = off.mean(dim=0)[feature].clamp_min(1e-300)
-    off_ratio = off_mass / mass[rows, feature].clamp_min(1e-300) / off_fraction
-    return ModeFeatures(feature, share, off_ratio)
+    squares = (v.reshape(n, c, -1) ** 2).sum(dim=2)            # (N, C)
+    coverage = squares.sum(dim=0)
+    off = (data.detach().cpu() == 0).double()
+    off_fraction = off.mean(dim=0).clamp_min(1e-300)
+    off_ratio = (squares * off).sum(dim=0) / coverage.clamp_min(1e-300) / off_fraction
+    return FeatureCoverage(coverage, off_ratio)

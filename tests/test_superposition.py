@@ -11,6 +11,7 @@ from ntk_references import brute_force_ntk, rel_err
 from entk_helpers import ntk_operator, top_eigenpairs
 from entk_helpers.superposition import (
     ToyModel,
+    feature_coverage,
     feature_importance,
     importance_weighted_mse,
     mode_features,
@@ -90,6 +91,7 @@ def test_output_weighted_is_the_dense_rescaled_kernel() -> None:
     v = np.random.default_rng(0).standard_normal((30, 3))
     assert rel_err(torch.as_tensor(op @ v), expected @ torch.as_tensor(v)) < 1e-10
     assert rel_err(torch.as_tensor(op.matvec(v[:, 0])), expected @ torch.as_tensor(v[:, 0])) < 1e-10
+    assert op.n_matvecs == 3 + 1                     # the wrapped operator's products
     with pytest.raises(ValueError, match="weights must be"):
         output_weighted(ntk_operator(model, x, output="full"), torch.ones(7))
 
@@ -126,23 +128,35 @@ def test_bad_arguments_are_named() -> None:
         ToyModel(3, 0)
 
 
-def test_mode_features_against_a_loop() -> None:
+def test_mode_features_is_the_largest_output_share() -> None:
+    v = torch.randn(4 * 3, 5, dtype=torch.float64)
+    got = mode_features(v, 3)
+    mass = output_mass(v, 3)
+    assert torch.equal(got.feature, mass.argmax(1)) and torch.equal(got.share, mass.max(1).values)
+
+
+def test_feature_coverage_against_a_loop() -> None:
     data = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
-    v = torch.randn(4 * 3, 3, dtype=torch.float64)
+    v = torch.zeros(4 * 3, 2, dtype=torch.float64)
     v[torch.arange(4) * 3 + 0, 0] = torch.tensor([2.0, 0.0, 3.0, 0.0], dtype=torch.float64)
-    v[torch.arange(4) * 3 + 2, 1] = 5.0            # output 2, spread over all points
-    got = mode_features(v, data)
-    for j in range(3):
-        per_output = [sum(float(v[n * 3 + c, j]) ** 2 for n in range(4)) for c in range(3)]
-        c = int(np.argmax(per_output))
-        assert int(got.feature[j]) == c
-        assert abs(float(got.share[j]) - per_output[c] / sum(per_output)) < 1e-12
+    v[torch.arange(4) * 3 + 2, 1] = 5.0             # output 2, spread over all points
+    v[4, 0] = 1.0                                   # a little of output 1, at point 1
+    v = torch.linalg.qr(v)[0]
+    got = feature_coverage(v, data)
+    for c in range(3):
+        mass = sum(float(v[n * 3 + c, j]) ** 2 for n in range(4) for j in range(2))
+        assert abs(float(got.coverage[c]) - mass) < 1e-12
         off = [n for n in range(4) if data[n, c] == 0]
-        off_mass = sum(float(v[n * 3 + c, j]) ** 2 for n in off)
-        expected = off_mass / per_output[c] / (len(off) / 4)
-        assert abs(float(got.off_ratio[j]) - expected) < 1e-12
-    assert float(got.off_ratio[0]) < 1e-12              # lives only where feature 0 is on
-    assert abs(float(got.off_ratio[1]) - 1.0) < 1e-12    # ignores feature 2's presence
-    assert got.tracking().tolist()[:2] == [True, False]
+        off_mass = sum(float(v[n * 3 + c, j]) ** 2 for n in off for j in range(2))
+        expected = off_mass / mass / (len(off) / 4) if mass else 0.0
+        assert abs(float(got.off_ratio[c]) - expected) < 1e-12
+    assert abs(float(got.coverage.sum()) - 2) < 1e-12            # the block's dimension
+    assert float(got.off_ratio[0]) < 1e-12                       # only where feature 0 is on
+    assert abs(float(got.off_ratio[2]) - 1.0) < 1e-12            # ignores feature 2's presence
+    assert got.tracked().tolist() == [True, False, False]
+    rotated = v @ torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64))[0]
+    again = feature_coverage(rotated, data)                      # rotation invariant
+    assert torch.allclose(again.coverage, got.coverage) and torch.allclose(again.off_ratio,
+                                                                           got.off_ratio)
     with pytest.raises(ValueError, match="vectors must be"):
-        mode_features(torch.randn(10, 2), data)
+        feature_coverage(torch.randn(10, 2), data)
