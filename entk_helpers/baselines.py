@@ -139,3 +139,35 @@ def overlap_curve(
     per_direction = ((q.T @ f) ** 2).sum(dim=1)  # (max k,)
     cumulative = torch.cumsum(per_direction, dim=0)
     return cumulative[torch.tensor(ks) - 1].numpy()
+
+
+def pca_lowrank_directions(
+    activations: Tensor | np.ndarray, k: int, *, q: int = 25, niter: int = 2, seed: int = 0
+) -> Tensor:
+    """The paper's PCA baseline: ``torch.pca_lowrank(H, q=q, center=True, niter=niter)``.
+
+    A *randomized* low-rank approximation (``q`` columns, no oversampling beyond ``q``, ``niter``
+    power iterations; the paper's ``q = 25``, ``niter = 2``): its components are close to, not
+    equal to, the exact ones of :func:`pca_directions`, and depend on the random draw, which is
+    seeded here without touching the global generator.
+
+    Args:
+        activations: ``(N, D)`` (higher-rank inputs flattened per example).
+        k: how many components to score, ``1 <= k <= q <= min(N, D)``.
+
+    Returns:
+        ``(N, k)`` float64: the centred activations projected on the first ``k`` returned
+        right singular vectors (``(H - mean) V[:, :k]``; signs arbitrary).
+    """
+    x = _as_double(activations)
+    x = x.reshape(x.shape[0], -1)
+    n, d = x.shape
+    if not 1 <= k <= q <= min(n, d):
+        raise ValueError(f"k={k}, q={q} for ({n}, {d}) activations: need 1 <= k <= q <= "
+                         f"{min(n, d)}")
+    if niter < 0:
+        raise ValueError(f"niter={niter}: the number of power iterations must be >= 0")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, _, v = torch.pca_lowrank(x, q=q, center=True, niter=niter)
+    return (x - x.mean(dim=0, keepdim=True)) @ v[:, :k]

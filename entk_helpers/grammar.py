@@ -10,7 +10,9 @@ morphology features of the target word that pass support / diversity filters.
 Approximations, stated: the greedy next *token* stands for the next word (a sub-word prediction
 is tagged as the word it starts); spaCy's small English model replaces the paper's Stanza.
 Several windows may come from one story (different targets), since the shipped corpus is small.
-Built datasets are cached on disk, keyed by model, corpus and parameters.
+Built datasets are cached on disk as an ``.npz`` (arrays) beside a ``.json`` (words, contexts,
+info; no pickle), keyed by everything that shapes them: model source, tagger name and version,
+corpus, the builder's code version, N, T and the draw seed.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import torch
 from torch import Tensor
 
 from .progress import progress_bar
-from .results import save_torch
+from .results import save_arrays, save_json
 
 UPOS_CLASSES = ("PUNCT", "PRON", "PROPN", "DET", "ADV", "CCONJ", "NOUN", "VERB")
-FILTER_VERSION = 1
+# bump when the candidate search, the greedy filter or the label filters change what is built
+DATASET_VERSION = 2
 STORY_SEPARATOR = "<|endoftext|>"
 TAGGER_HINT = (
     "No spaCy English model found. Install spaCy and a model: `pip install spacy "
@@ -184,8 +187,50 @@ def _thresholds(n: int) -> dict[str, float]:
     }
 
 
-def _cache_key(parts: dict[str, Any]) -> str:
+def dataset_cache_key(
+    *, model_source: str, tagger: str, corpus: Sequence[str], n: int, T: int, seed: int
+) -> str:
+    """16 hex digits of a hash of everything that shapes a built dataset.
+
+    Args:
+        model_source: where the model came from (``load_gemma``'s ``info["source"]``).
+        tagger: tagger name and version (:func:`tagger_id`).
+        corpus: the stories themselves (hashed).
+        n, T, seed: dataset size, window length, draw seed.
+    """
+    corpus_hash = hashlib.sha256("\x00".join(corpus).encode()).hexdigest()
+    parts = {"model": model_source, "tagger": tagger, "corpus": corpus_hash, "N": n, "T": T,
+             "seed": seed, "version": DATASET_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tagger_id(nlp: Any) -> str:
+    """``"spacy <name> <version>"`` of a loaded spaCy pipeline (part of the cache key)."""
+    meta = getattr(nlp, "meta", {}) or {}
+    return f"spacy {meta.get('lang', '')}_{meta.get('name', '?')} {meta.get('version', '?')}"
+
+
+def save_dataset(data: GrammarDataset, stem: str | Path) -> None:
+    """Write ``<stem>.npz`` (input_ids, pos, one ``label:<name>`` per label) and ``<stem>.json``
+    (label order, words, contexts, info). The JSON is written last: it marks a complete entry."""
+    stem = Path(stem)
+    save_arrays(stem.with_suffix(".npz"), input_ids=data.input_ids.numpy(),
+                pos=data.pos.astype(str), **{f"label:{k}": v for k, v in data.labels.items()})
+    save_json({"labels": list(data.labels), "words": data.words, "contexts": data.contexts,
+               "info": data.info}, stem.with_suffix(".json"))
+
+
+def load_dataset(stem: str | Path) -> GrammarDataset:
+    """Read what :func:`save_dataset` wrote (no pickle: ``allow_pickle=False``)."""
+    stem = Path(stem)
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    with np.load(stem.with_suffix(".npz"), allow_pickle=False) as arrays:
+        return GrammarDataset(
+            input_ids=torch.from_numpy(arrays["input_ids"].astype(np.int64)),
+            pos=arrays["pos"].astype(str), words=list(meta["words"]),
+            contexts=list(meta["contexts"]),
+            labels={k: arrays[f"label:{k}"].astype(bool) for k in meta["labels"]},
+            info=meta["info"])
 
 
 def build_dataset(
@@ -204,20 +249,25 @@ def build_dataset(
 ) -> GrammarDataset:
     """Build (or load from cache) the stratified, greedy-filtered windows and their labels.
 
+    ``seed`` is the draw seed: it orders each class's candidate pool, so another seed draws
+    other windows from the same corpus. With ``cache_folder``, the dataset is read from
+    ``grammar-<key>.npz/.json`` when present (:func:`dataset_cache_key`) and written there
+    otherwise.
+
     Raises:
         RuntimeError: when the corpus has too few accepted windows for some class.
     """
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class={n_per_class}: need at least one window per class")
     n = n_per_class * len(UPOS_CLASSES)
-    corpus_hash = hashlib.sha256("\x00".join(stories).encode()).hexdigest()
-    key = _cache_key({"model": model_source, "corpus": corpus_hash, "T": T, "N": n,
-                      "seed": seed, "filter": FILTER_VERSION})
-    path = None
-    if cache_folder is not None:
-        path = Path(cache_folder) / f"grammar-{key}.pt"
-        if path.exists():
-            saved = torch.load(path, weights_only=False)
-            return GrammarDataset(**saved)
     nlp = nlp or load_tagger()
+    key = dataset_cache_key(model_source=model_source, tagger=tagger_id(nlp), corpus=stories,
+                            n=n, T=T, seed=seed)
+    stem = None
+    if cache_folder is not None:
+        stem = Path(cache_folder) / f"grammar-{key}"
+        if stem.with_suffix(".json").exists() and stem.with_suffix(".npz").exists():
+            return load_dataset(stem)
     cands = _candidates(stories, tokenizer, nlp, T)
     rng = np.random.default_rng(seed)
     pools = {c: [x for x in cands if x["pos"] == c] for c in UPOS_CLASSES}
@@ -264,8 +314,8 @@ def build_dataset(
     info = {
         "corpus": corpus_name, "model_source": model_source, "T": T, "N": n, "seed": seed,
         "n_candidates": len(cands), "checked": dict(checked), "accepted": accepted,
-        "thresholds": limits, "dropped_labels": dropped, "filter_version": FILTER_VERSION,
-        "cache_key": key,
+        "thresholds": limits, "dropped_labels": dropped, "dataset_version": DATASET_VERSION,
+        "tagger": tagger_id(nlp), "cache_key": key,
     }
     data = GrammarDataset(
         input_ids=torch.tensor([[tokenizer.bos_token_id] + x["ids"] for x in rows]),
@@ -273,6 +323,6 @@ def build_dataset(
         contexts=[stories[x["story"]][x["context_start"] : x["target_start"]] for x in rows],
         labels=labels, info=info,
     )
-    if path is not None:
-        save_torch(data.__dict__, path)
+    if stem is not None:
+        save_dataset(data, stem)
     return data

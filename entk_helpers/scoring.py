@@ -207,6 +207,7 @@ def bootstrap_macro(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    family: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Percentile bootstrap of the macro test AUROC, directions held fixed.
 
@@ -218,10 +219,20 @@ def bootstrap_macro(
         rows: method -> the :class:`LabelScore` list from :func:`score_labels`.
         labels: label name -> (n,) binary.
         train: (n,) bool mask.
+        family: ``"macro_pos"`` or ``"macro_morphology"`` to average only that family's labels
+            (as :func:`family_macros` does); ``None`` averages every label in ``rows``.
     Returns:
         {method: {"mean", "low", "high"}} plus, with two methods a and b, {"a-b": ...} for the
         paired difference of macro AUROCs.
     """
+    if family not in (None, "macro_pos", "macro_morphology"):
+        raise ValueError(f"family={family!r}: use 'macro_pos', 'macro_morphology' or None")
+    if family is not None:
+        morph = family == "macro_morphology"
+        rows = {m: [r for r in rs if is_morphology_label(r.label) == morph]
+                for m, rs in rows.items()}
+        if not all(rows[m] for m in score_sets):
+            raise ValueError(f"no labels of family {family!r} in rows")
     test = np.flatnonzero(~np.asarray(train, dtype=bool))
     rng = np.random.default_rng(seed)
     methods = list(score_sets)

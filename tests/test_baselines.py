@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from entk_helpers import subspace_overlap
-from entk_helpers.baselines import overlap_curve, pca_directions, random_directions
+from entk_helpers.baselines import (
+    overlap_curve,
+    pca_directions,
+    pca_lowrank_directions,
+    random_directions,
+)
 
 
 def _numpy_overlap(q: np.ndarray, f: np.ndarray) -> float:
@@ -93,3 +98,23 @@ def test_overlap_curve_rejects_dependent_directions_and_bad_k() -> None:
         overlap_curve(x, x, [0])
     with pytest.raises(ValueError, match="rows"):
         overlap_curve(x, x[:10], [1])
+
+
+def test_pca_lowrank_is_exact_on_low_rank_data_and_seeded() -> None:
+    """On data of rank r <= q the randomized range finder captures the whole range, so the
+    paper's ``pca_lowrank`` scores equal numpy's exact PCA scores (up to sign); on full-rank
+    data it depends on the seed, reproducibly, and leaves the global generator alone."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((70, 6)) * np.linspace(4, 1, 6)) @ rng.standard_normal((6, 20)) + 2
+    xc = x - x.mean(axis=0)
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    got = pca_lowrank_directions(torch.tensor(x), 4, q=8, niter=2, seed=0).numpy()
+    np.testing.assert_allclose(np.abs(got), np.abs(u[:, :4] * s[:4]), atol=1e-8)
+    full = rng.standard_normal((70, 30))
+    state = torch.random.get_rng_state()
+    a = pca_lowrank_directions(full, 5, q=5, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a, pca_lowrank_directions(full, 5, q=5, seed=0))
+    assert not torch.allclose(a.abs(), pca_lowrank_directions(full, 5, q=5, seed=1).abs())
+    with pytest.raises(ValueError, match="q="):
+        pca_lowrank_directions(full, 6, q=5)

@@ -87,3 +87,58 @@ def test_family_macros_average_each_family_apart():
     assert macros["macro_pos"]["test_auroc"] == pytest.approx(0.8)
     assert macros["macro_morphology"]["test_auroc"] == pytest.approx(0.5)
     assert set(family_macros(rows[:2])) == {"macro_pos"}
+
+
+def _pair_count_macro(scores, rows, labels, idx):
+    """Macro AUROC of one resample by pair counting over the given labels' rows."""
+    return float(np.mean([
+        _pair_count_auroc(r.sign * scores[idx, r.direction], labels[r.label][idx].astype(int))
+        for r in rows]))
+
+
+def test_bootstrap_family_filter_matches_direct_pos_macro():
+    """The POS-family bootstrap equals a direct pair-counting computation on the same resamples:
+    one resample (n_boot=1) drawn with the generator the docstring promises (seeded, test
+    indices with replacement), macro over the UPOS labels only."""
+    rng = np.random.default_rng(3)
+    n = 80
+    pos = np.array(["NOUN", "VERB"] * (n // 2))
+    labels = {"NOUN": pos == "NOUN", "VERB": pos == "VERB",
+              "Number=Sing": rng.random(n) < 0.4}
+    scores = rng.standard_normal((n, 4)) + 1.5 * labels["NOUN"][:, None] * np.eye(4)[0]
+    train = stratified_split(pos, seed=0)
+    rows = score_labels(scores, labels, train)
+    test = np.flatnonzero(~train)
+    for seed in range(3):
+        got = bootstrap_macro({"a": scores}, {"a": rows}, labels, train, n_boot=1, seed=seed,
+                              family="macro_pos")["a"]
+        idx = np.random.default_rng(seed).choice(test, size=test.size, replace=True)
+        pos_rows = [r for r in rows if "=" not in r.label]
+        want = _pair_count_macro(scores, pos_rows, labels, idx)
+        assert got["mean"] == pytest.approx(want, abs=1e-12)
+        everything = bootstrap_macro({"a": scores}, {"a": rows}, labels, train, n_boot=1,
+                                     seed=seed)["a"]
+        assert everything["mean"] == pytest.approx(_pair_count_macro(scores, rows, labels, idx))
+
+
+def test_bootstrap_pos_family_known_answer_and_bad_family():
+    """Perfectly separating POS directions give a POS macro of exactly 1 in every resample,
+    whatever the (random) morphology label does; an unknown family name is refused."""
+    rng = np.random.default_rng(0)
+    n = 60
+    pos = np.array(["NOUN", "VERB", "DET"] * (n // 3))
+    labels = {c: pos == c for c in ("NOUN", "VERB", "DET")}
+    labels["Number=Sing"] = rng.random(n) < 0.5
+    scores = np.stack([labels[c].astype(float) for c in ("NOUN", "VERB", "DET")]
+                      + [rng.standard_normal(n)], axis=1)
+    train = stratified_split(pos, seed=1)
+    rows = score_labels(scores, labels, train)
+    out = bootstrap_macro({"a": scores, "b": scores}, {"a": rows, "b": rows}, labels, train,
+                          n_boot=50, family="macro_pos")
+    assert out["a"] == {"mean": 1.0, "low": 1.0, "high": 1.0}
+    assert out["a-b"]["mean"] == 0.0
+    morph = bootstrap_macro({"a": scores}, {"a": rows}, labels, train, n_boot=50,
+                            family="macro_morphology")["a"]
+    assert morph["mean"] < 1.0
+    with pytest.raises(ValueError, match="family"):
+        bootstrap_macro({"a": scores}, {"a": rows}, labels, train, family="pos")

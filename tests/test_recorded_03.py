@@ -1,0 +1,91 @@
+"""Notebook 03's recorded N = 1024 artefacts (committed JSON) say what the prose says of them.
+
+These test files, not a run: the recorded full-mode run of layers 16-17
+(``results/03_gemma/full_N1024_layers16-17``), the summary assembled from it and from the
+dataset draws (``results/03_gemma/full_N1024``, ``scripts/gemma_03_full_summary.py``) and the
+draws themselves (``results/03_gemma/dataset_draws.json``). Macros are recomputed here from the
+per-label rows by hand (plain means over the labels of each family).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from entk_helpers.results import repo_root
+
+BASE = repo_root() / "results" / "03_gemma"
+PAPER_POS_AUROC = {16: {"entk": .827, "pca": .745}, 17: {"entk": .819, "pca": .775}}
+
+
+def _load(*parts):
+    path = BASE.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not recorded")
+    return json.loads(path.read_text())
+
+
+def _pos_mean(rows, layer, method, key="test_auroc"):
+    vals = [r[key] for r in rows if r["layer"] == layer and r["method"] == method
+            and "=" not in r["label"]]
+    assert len(vals) == 8
+    return float(np.mean(vals))
+
+
+def test_recorded_run_against_the_paper():
+    old = _load("full_N1024_layers16-17", "summary.json")
+    rows = old["per_label"]
+    assert old["N"] == 1024 and sorted(old["layers"]) == [16, 17]
+    assert {r["n_pos_test"] for r in rows if "=" not in r["label"]} == {64}
+    # eNTK POS macro within 0.02 of the paper's at layer 16, not at layer 17 (above it)
+    assert abs(_pos_mean(rows, 16, "entk") - PAPER_POS_AUROC[16]["entk"]) < 0.02
+    assert _pos_mean(rows, 17, "entk") > PAPER_POS_AUROC[17]["entk"] + 0.02
+    # exact PCA: far above the paper's at layer 16, close at layer 17
+    assert _pos_mean(rows, 16, "pca") > PAPER_POS_AUROC[16]["pca"] + 0.05
+    assert abs(_pos_mean(rows, 17, "pca") - PAPER_POS_AUROC[17]["pca"]) < 0.02
+    # the eNTK beats PCA at layer 17 and not at layer 16 (POS macro, point estimates)
+    assert _pos_mean(rows, 16, "entk") < _pos_mean(rows, 16, "pca")
+    assert _pos_mean(rows, 17, "entk") > _pos_mean(rows, 17, "pca")
+
+
+def test_full_summary_is_consistent_with_its_rows():
+    full = _load("full_N1024", "summary.json")
+    rows = full["per_label"]
+    layers = full["layers_run"]
+    assert sorted(int(L) for L in full["layers_missing"]) == sorted(set(range(18)) - set(layers))
+    for L in layers:
+        for method, name in (("entk", "entk"), ("pca", "pca_exact")):
+            got = full["per_layer"][str(L)][name]
+            assert got["macro_pos"]["test_auroc"] == pytest.approx(_pos_mean(rows, L, method))
+            morph = [r["test_ap"] for r in rows
+                     if r["layer"] == L and r["method"] == method and "=" in r["label"]]
+            assert got["macro_morphology"]["test_ap"] == pytest.approx(np.mean(morph))
+    table = full["table3_best_layer_per_label"]
+    for method, chosen in table["rows"].items():
+        for r in chosen:  # brute force: the highest train AP over the layers run
+            cands = [x for x in rows if x["label"] == r["label"] and x["method"] == method]
+            assert r["train_ap"] == max(x["train_ap"] for x in cands)
+            assert r["layer"] in layers
+    spread = full["dataset_draws"]["entk_minus_pca_exact_macro_pos_auroc"]
+    for L in layers:
+        d = spread[str(L)]
+        assert d["values"][d["seeds"].index("0")] == pytest.approx(
+            _pos_mean(rows, L, "entk") - _pos_mean(rows, L, "pca"))
+        assert d["min"] <= d["max"] and d["range"] == pytest.approx(d["max"] - d["min"])
+
+
+def test_dataset_draws_macros_match_their_rows():
+    draws = _load("dataset_draws.json")
+    assert draws["N"] == 1024
+    for seed, draw in draws["draws"].items():
+        for L, got in draw["layers"].items():
+            for method, name in (("entk", "entk"), ("pca", "pca_exact")):
+                rows = [{**r, "layer": L, "method": method} for r in got["per_label"][method]]
+                assert got[name]["macro_pos"]["test_auroc"] == pytest.approx(
+                    _pos_mean(rows, L, method)), (seed, L, method)
+            lowrank = got["pca_lowrank_paper"]
+            assert len(lowrank) == len(draws["pca_lowrank"]["seeds"]) >= 3
+            boot = got["bootstrap_macro_pos_auroc"]["entk-pca"]
+            assert boot["low"] <= boot["high"]
