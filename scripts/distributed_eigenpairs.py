@@ -77,6 +77,7 @@ def main() -> None:
                     json.dump({"world_size": dist.get_world_size(), "shards": op.shards.sizes,
                                "eigenvalues": values, "seconds": seconds,
                                "products": eig.n_matvecs}, f)
+        dist.barrier()  # no rank tears gloo down while another is still using it
     finally:
         dist.destroy_process_group()
 
