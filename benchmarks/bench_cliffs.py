@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from entk_helpers import eigen, find_cliffs
-from entk_helpers.modular import mlp_trace_ntk, modular_addition_data, paper_mlp, train
+from entk_helpers.experiments.modular import mlp_trace_ntk, modular_addition_data, paper_mlp, train
 
 
 def old_rule(lam: np.ndarray) -> list[tuple[int, int]]:

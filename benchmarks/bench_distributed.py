@@ -86,7 +86,7 @@ def free_port() -> int:
 def worker(args: argparse.Namespace) -> None:
     """One rank (or the baseline): build, warm up, time, print one JSON line on rank 0."""
     from entk_helpers import ntk_operator
-    from entk_helpers.modular import ModularMLP, modular_addition_data
+    from entk_helpers.experiments.modular import ModularMLP, modular_addition_data
 
     distributed = args.worker == "sharded"
     world = int(os.environ.get("WORLD_SIZE", 1))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from entk_helpers.eigen import top_eigenpairs
+from entk_helpers.experiments.grammar import load_corpus
 from entk_helpers.gemma import (
     LayerEntk,
     capture_prefix,
@@ -38,7 +39,6 @@ from entk_helpers.gemma import (
     sqrt_psd,
     unembedding_gram,
 )
-from entk_helpers.grammar import load_corpus
 
 
 def windows(tokenizer, n: int, T: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from entk_helpers.experiments.grammar import load_corpus
 from entk_helpers.gemma import (
     LayerEntk,
     capture_prefix,
@@ -25,7 +26,6 @@ from entk_helpers.gemma import (
     tail_memory,
     unembedding_gram,
 )
-from entk_helpers.grammar import load_corpus
 
 
 def rss_gb() -> float:

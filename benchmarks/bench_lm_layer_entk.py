@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from entk_helpers import gemma
-from entk_helpers.grammar import load_corpus
+from entk_helpers.experiments.grammar import load_corpus
 from entk_helpers.lm import (
     LayerNTKOperator,
     capture_prefix,

@@ -47,7 +47,12 @@ def peak_rss_bytes() -> int:
 
 def build_model(p: int, width: int, dtype: torch.dtype, epochs: int) -> tuple[nn.Module, Tensor]:
     """The paper's MLP (seed 0), optionally trained a few epochs; all p*p input pairs."""
-    from entk_helpers.modular import ModularMLP, modular_addition_data, train, train_test_split
+    from entk_helpers.experiments.modular import (
+        ModularMLP,
+        modular_addition_data,
+        train,
+        train_test_split,
+    )
 
     torch.manual_seed(0)
     model = ModularMLP(p, width=width)

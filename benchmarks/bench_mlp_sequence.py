@@ -28,7 +28,7 @@ import time
 import torch
 
 from entk_helpers import empirical_ntk
-from entk_helpers.modular import (
+from entk_helpers.experiments.modular import (
     ModularMLP,
     mlp_trace_ntk,
     modular_addition_data,

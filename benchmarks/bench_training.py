@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from entk_helpers.modular import (
+from entk_helpers.experiments.modular import (
     OneLayerTransformer,
     modular_addition_data,
     train,

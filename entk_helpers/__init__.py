@@ -10,8 +10,16 @@ eigen-subspaces match a bank of candidate features.
     >>> K = empirical_ntk(model, x, output="trace")      # (N, N)
     >>> eig = top_eigenpairs(K, k=50)                      # values, vectors, residuals
     >>> find_cliffs(eig.values)                            # blocks of near-equal modes
+
+Layout: the general core is here (``kernels``, ``operators`` on ``kernel_operator``,
+``eigen``, ``features``, ``budget``, ``causal``, ``distributed``); :mod:`entk_helpers.lm`
+holds the layer eNTK of any decoder-only ``transformers`` LM; :mod:`entk_helpers.experiments`
+the paper's experiments (modular tasks, frequencies, grammar, scoring, baselines);
+:mod:`entk_helpers.files` atomic writes and :mod:`entk_helpers.notebook` the notebooks'
+flags, paths and paper-vs-run tables.
 """
 
+from . import _moved
 from .budget import (
     MemoryBudgetError,
     get_memory_budget,
@@ -33,7 +41,9 @@ from .kernel_operator import KernelOperator
 from .kernels import empirical_ntk, layerwise_ntk
 from .operators import NTKOperator, ntk_operator
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_moved.install()  # old paths (entk_helpers.modular, ...) keep working, with a warning
 
 __all__ = [
     "Cliff",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import fnmatch
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -253,3 +254,15 @@ def check_examples_independent(
 def chunks(n: int, size: int) -> list[slice]:
     """``[0:size], [size:2 size], ...`` covering ``range(n)``."""
     return [slice(i, min(i + size, n)) for i in range(0, n, max(1, size))]
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (None: as they are), restoring them after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -25,6 +25,8 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
+from ._arrays import as_tensor
+
 EIGEN_METHODS = ("auto", "dense", "lanczos", "block_lanczos", "block")
 
 
@@ -112,19 +114,18 @@ def top_eigenpairs(
         if not is_matrix:
             raise ValueError("method='dense' needs a matrix; for an operator use 'lanczos' or "
                              "'block' (or operator.to_dense() when it is small)")
-        matrix = torch.as_tensor(_contiguous(kernel_or_operator))
+        matrix = as_tensor(kernel_or_operator)
         _check_finite_matrix(matrix)
         return _dense(matrix, k)
     if not is_matrix and k >= n:
         raise ValueError(f"matrix-free methods need k < n (k={k}, n={n}); use "
                          "operator.to_dense() and method='dense' for a kernel this small")
     if is_matrix:
-        matrix = np.asarray(torch.as_tensor(_contiguous(kernel_or_operator)).detach().cpu()
-                            .double())
+        matrix = np.asarray(as_tensor(kernel_or_operator, torch.float64, "cpu"))
         _check_finite_matrix(torch.as_tensor(matrix))
         _check_symmetric(float(np.abs(matrix - matrix.T).max()), float(np.abs(matrix).max()),
-                         _matrix_symmetry_tolerance(torch.as_tensor(
-                             _contiguous(kernel_or_operator)).dtype), "max |K - K^T| / max |K|")
+                         _matrix_symmetry_tolerance(as_tensor(
+                             kernel_or_operator).dtype), "max |K - K^T| / max |K|")
         operator = sla.aslinearoperator(matrix)
     else:
         operator = kernel_or_operator
@@ -158,7 +159,7 @@ def _check_v0(v0: Tensor | np.ndarray, n: int) -> np.ndarray:
     interpreter on a start vector of the wrong length)."""
     if not isinstance(v0, (Tensor, np.ndarray)):
         v0 = np.asarray(v0, dtype=np.float64)
-    start = np.asarray(torch.as_tensor(_contiguous(v0)).detach().cpu().double())
+    start = np.asarray(as_tensor(v0, torch.float64, "cpu"))
     if start.ndim not in (1, 2) or start.shape[0] != n or start.size == 0:
         raise ValueError(f"v0 has shape {start.shape}; the kernel is {n} x {n}, so pass "
                          f"({n},) or ({n}, j) start vectors")
@@ -237,19 +238,14 @@ def _iterative(
     return _result(values, vectors, residuals, method)
 
 
-def _contiguous(x: Tensor | np.ndarray) -> Tensor | np.ndarray:
-    """numpy arrays with negative strides (``np.sort(x)[::-1]``) cannot become tensors."""
-    return np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x
-
-
 def _result(values, vectors, residuals, method: str) -> EigenResult:
     if not (np.isfinite(values).all() and np.isfinite(vectors).all()):
         raise ValueError(f"{method} returned NaN / inf eigenpairs: the operator's products "
                          "are not finite; check the model and inputs it was built from")
     return EigenResult(
-        torch.as_tensor(np.ascontiguousarray(values)),
-        torch.as_tensor(np.ascontiguousarray(_fix_signs(vectors))),
-        torch.as_tensor(np.ascontiguousarray(residuals)),
+        as_tensor(values),
+        as_tensor(_fix_signs(vectors)),
+        as_tensor(residuals),
         method,
     )
 
@@ -449,7 +445,7 @@ def find_cliffs(
         ``[Cliff(start, stop, drop), ...]`` in order. A top mode on its own is a cliff of size 1.
     """
     _check_cliff_settings(min_drop, relative_drop, window, max_index, floor)
-    lam = np.asarray(torch.as_tensor(_contiguous(eigenvalues)).detach().cpu().double())
+    lam = np.asarray(as_tensor(eigenvalues, torch.float64, "cpu"))
     if lam.ndim != 1 or lam.size < 3:
         raise ValueError(f"eigenvalues: find_cliffs needs a 1-D array of at least 3 values, got "
                          f"shape {lam.shape}")

@@ -21,13 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._arrays import as_tensor
+
 FAMILIES = ("a", "b", "sum", "diff", "axis_sum")
-
-
-def _as_tensor(x: Tensor | np.ndarray) -> Tensor:
-    if isinstance(x, np.ndarray):  # negative strides (x[:, ::-1]) cannot become tensors
-        x = np.ascontiguousarray(x)
-    return torch.as_tensor(x).detach().cpu().double()
 
 
 def default_frequencies(p: int) -> list[int]:
@@ -84,7 +80,7 @@ def orthonormal_basis(x: Tensor | np.ndarray, center: bool = False, rtol: float 
     ``center=True`` removes each column's mean first. Directions with singular value below
     ``rtol`` times the largest are dropped, so r is the numerical rank.
     """
-    x = _as_tensor(x)
+    x = as_tensor(x, torch.float64, "cpu")
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2:
@@ -177,7 +173,7 @@ def rotate_by_laplacians(
     q = orthonormal_basis(Q)
     groups = [q]
     for lap in laplacians:
-        lap = _as_tensor(lap)
+        lap = as_tensor(lap, torch.float64, "cpu")
         new_groups = []
         for block in groups:
             vals, vecs = torch.linalg.eigh(block.T @ lap @ block)
@@ -199,7 +195,7 @@ def frequency_match(
         ``(d, len(kinds), (p-1)//2)``: entry [i, f, k-1] is ``||P_{kind f, freq k} v_i||^2``
         for unit vectors v_i; a vector that is one Fourier mode scores 1 in one cell.
     """
-    v = _as_tensor(vectors)
+    v = as_tensor(vectors, torch.float64, "cpu")
     v = v / torch.linalg.vector_norm(v, dim=0, keepdim=True)
     out = torch.zeros(v.shape[1], len(kinds), (p - 1) // 2, dtype=torch.float64)
     for f, kind in enumerate(kinds):

@@ -46,9 +46,9 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
-from .baselines import pca_directions
 from .budget import MemoryBudgetError, format_bytes, get_memory_budget
 from .eigen import top_eigenpairs
+from .experiments.baselines import pca_directions
 from .progress import progress_bar
 
 HUB_ID = "google/gemma-3-270m"
@@ -121,7 +121,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP probe, so that an offline machine skips the hub's slow retries.
 
-    Only called when downloads are allowed (:func:`entk_helpers.results.downloads_allowed`).
+    Only called when downloads are allowed (:func:`entk_helpers.notebook.downloads_allowed`).
     """
     import socket
 
@@ -187,7 +187,7 @@ def _verified_gguf(package: Any) -> Path:
     is re-hashed unless its size and modification time match the record written when it was
     last verified. Call with :func:`_cache_lock` held.
     """
-    from .results import save_json
+    from .files import save_json
 
     expected = package.EXPECTED_SHA256
     gguf_dir = cache_dir() / "gguf"
@@ -323,7 +323,7 @@ def load_gemma(
         RuntimeError: with install instructions when no source works; when the cached GGUF
             is truncated or altered.
     """
-    from .results import downloads_allowed
+    from .notebook import downloads_allowed
 
     local = os.environ.get("ENTK_GEMMA_PATH")
     if local:

@@ -11,17 +11,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from ._arrays import as_tensor
 from .eigen import Cliff
 
 CLIFF_COLORS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
-
-
-def _as_numpy(x: Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
-    if isinstance(x, Tensor):
-        return x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=float)
 
 
 def plot_spectrum(
@@ -42,7 +38,7 @@ def plot_spectrum(
             index range and size.
         n_show: plot only the first ``n_show`` eigenvalues.
     """
-    lam = _as_numpy(eigenvalues)[:n_show]
+    lam = as_tensor(eigenvalues, torch.float64, "cpu").numpy()[:n_show]
     index = np.arange(lam.size)
     positive = lam > 0
     ax.semilogy(index[positive], lam[positive], ".", ms=3, color=color, label=label)
@@ -69,7 +65,7 @@ def plot_training_curves(
 
     Args:
         history: arrays ``epoch`` and ``train_<metric>``, ``test_<metric>`` (as in
-            :class:`entk_helpers.modular.TrainingRun`).
+            :class:`entk_helpers.experiments.modular.TrainingRun`).
         metric: ``"acc"`` or ``"loss"``.
         log_y: log scale for the y axis (useful for losses).
         legend_loc: a fixed legend position (``"best"`` is slow on long histories).
@@ -93,7 +89,7 @@ def eigenvector_image(
     Fourier modes show as stripes: vertical/horizontal for the a/b families, diagonal for
     the sum (a + b) and diff (a - b) families.
     """
-    v = _as_numpy(vector)
+    v = as_tensor(vector, torch.float64, "cpu").numpy()
     if v.shape != (p * p,):
         raise ValueError(f"expected a vector of length p*p = {p * p}, got shape {v.shape}")
     scale = max(float(np.abs(v).max()), 1e-300)
@@ -120,7 +116,7 @@ def overlap_heatmap(
     cmap: str = "viridis",
 ) -> Any:
     """A small annotated heatmap, e.g. cliffs (rows) against feature families (columns)."""
-    data = _as_numpy(values)
+    data = as_tensor(values, torch.float64, "cpu").numpy()
     image = ax.imshow(data, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(col_labels)), col_labels)
     ax.set_yticks(range(len(row_labels)), row_labels)

@@ -1,199 +1,25 @@
-"""Where notebook runs put what they found: figures, JSON summaries, paper-vs-run tables.
+"""Deprecated: ``entk_helpers.results`` was split into :mod:`entk_helpers.files` (atomic
+writes) and :mod:`entk_helpers.notebook` (flags, device, paths, the paper-vs-run table).
 
-Every notebook writes under ``results/<name>/`` at the repository root (or under
-``$ENTK_RESULTS_DIR/<name>`` when that is set), so two runs can be compared file by file.
-Writes are atomic (temporary file, then rename): an interrupted run never leaves a
-half-written summary behind.
+Importing it still works and warns; it will be removed in 0.3.
 """
 
-from __future__ import annotations
+import warnings
 
-import io
-import json
-import math
-import os
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from .files import save_arrays, save_figure, save_json, save_torch, to_jsonable  # noqa: F401
+from .notebook import (  # noqa: F401
+    DOWNLOADS_VARIABLE,
+    FULL_MODE_VARIABLE,
+    HEADLESS_VARIABLE,
+    PaperComparison,
+    default_device,
+    downloads_allowed,
+    full_mode,
+    interactive_widgets,
+    repo_root,
+    results_dir,
+)
 
-import numpy as np
-import torch
-
-FULL_MODE_VARIABLE = "ENTK_FULL"
-
-
-def full_mode() -> bool:
-    """True when ``ENTK_FULL=1`` asks for the paper-scale run instead of the CI-sized one."""
-    return _flag(FULL_MODE_VARIABLE)
-
-
-def _flag(variable: str) -> bool:
-    """An environment variable set to 1 / true / yes."""
-    return os.environ.get(variable, "0").strip().lower() in {"1", "true", "yes"}
-
-
-DOWNLOADS_VARIABLE = "ENTK_ALLOW_DOWNLOADS"
-
-
-def downloads_allowed(allow: bool | None = None) -> bool:
-    """Whether a loader may use the network (the Hugging Face hub model, TinyStories).
-
-    ``allow`` (a loader's ``allow_downloads=`` argument) decides when given; else
-    ``ENTK_ALLOW_DOWNLOADS=1`` allows; by default nothing is downloaded, so a run's data and
-    model do not depend on the machine's network.
-    """
-    if allow is not None:
-        if not isinstance(allow, bool):
-            raise TypeError(f"allow_downloads={allow!r}; pass True, False or None (None: "
-                            f"${DOWNLOADS_VARIABLE})")
-        return allow
-    return _flag(DOWNLOADS_VARIABLE)
-
-
-HEADLESS_VARIABLE = "ENTK_HEADLESS"
-
-
-def interactive_widgets() -> bool:
-    """Whether to build ipywidgets explorers: ipywidgets is installed and this is not a
-    headless run (``ENTK_HEADLESS=1``, which ``scripts/run_notebooks.py`` sets). Headless
-    nbclient can stall after an ``interact`` cell until its cell timeout (jupyter/nbclient
-    issue 312), and a widget without a frontend shows nothing anyway."""
-    if _flag(HEADLESS_VARIABLE):
-        return False
-    try:
-        import ipywidgets  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def default_device() -> torch.device:
-    """CUDA when present, else CPU; ``ENTK_DEVICE`` overrides (e.g. ``cpu``, ``cuda:1``)."""
-    chosen = os.environ.get("ENTK_DEVICE")
-    if chosen:
-        return torch.device(chosen)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def repo_root() -> Path:
-    """The folder holding ``pyproject.toml`` above this package (or the working directory)."""
-    here = Path(__file__).resolve().parent
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").exists():
-            return folder
-    return Path.cwd()
-
-
-def results_dir(name: str) -> Path:
-    """``results/<name>/``, created if missing."""
-    base = Path(os.environ.get("ENTK_RESULTS_DIR", repo_root() / "results"))
-    folder = base / name
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def to_jsonable(value: Any) -> Any:
-    """Tensors, arrays and numpy scalars as plain lists and numbers; NaN/inf as None."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return [to_jsonable(v) for v in value.tolist()] if value.ndim else to_jsonable(value.item())
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def save_json(data: dict[str, Any], path: str | Path) -> Path:
-    """Write ``data`` as indented JSON, atomically; returns the path."""
-    path = Path(path)
-    _atomic_write_bytes(path, json.dumps(to_jsonable(data), indent=2).encode())
-    return path
-
-
-def save_arrays(path: str | Path, **arrays: Any) -> Path:
-    """``np.savez`` of ``arrays``, written atomically (a crash leaves no half-written file)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    path = Path(path)
-    _atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def save_torch(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` of ``obj``, written atomically (a crash leaves no half-written file)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    path = Path(path)
-    _atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def save_figure(fig: Any, path: str | Path, dpi: int = 90) -> Path:
-    """Save a matplotlib figure as PNG at a modest dpi, atomically; returns the path."""
-    path = Path(path).with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-@dataclass
-class PaperComparison:
-    """Rows of "quantity: paper's number vs this run's", with a note on any difference.
-
-    >>> cmp = PaperComparison("01_modular_mlp")
-    >>> cmp.add("final test accuracy", paper=1.0, this_run=0.998, note="")
-    """
-
-    notebook: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-    def add(self, quantity: str, *, paper: Any, this_run: Any, note: str = "") -> None:
-        self.rows.append(
-            {"quantity": quantity, "paper": paper, "this_run": this_run, "note": note}
-        )
-
-    def table(self) -> Any:
-        """A pandas DataFrame of the rows (for display in the notebook)."""
-        import pandas as pd
-
-        return pd.DataFrame(self.rows, columns=["quantity", "paper", "this_run", "note"])
-
-    def save(self, path: str | Path, **extra: Any) -> Path:
-        """Write ``{"notebook", "mode", "paper_vs_run": rows, **extra}`` as JSON."""
-        payload = {
-            "notebook": self.notebook,
-            "mode": "full" if full_mode() else "default",
-            "paper_vs_run": self.rows,
-            **extra,
-        }
-        return save_json(payload, path)
+warnings.warn("entk_helpers.results is deprecated: import from entk_helpers.files (save_*) or "
+              "entk_helpers.notebook (full_mode, results_dir, PaperComparison, ...)",
+              DeprecationWarning, stacklevel=2)

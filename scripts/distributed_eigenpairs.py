@@ -32,7 +32,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def build(p: int, width: int, dtype: torch.dtype) -> tuple[nn.Module, Tensor]:
     """The same model and the same examples on every rank (your own model goes here)."""
-    from entk_helpers.modular import ModularMLP, modular_addition_data
+    from entk_helpers.experiments.modular import ModularMLP, modular_addition_data
 
     torch.manual_seed(0)
     model = ModularMLP(p, width=width).to(dtype).eval()

@@ -1,12 +1,15 @@
 """Notebook 03's full-mode summary at N = 1024 from what has been run (issue 14).
 
-No model is loaded. It assembles ``results/03_gemma/full_N1024/summary.json`` from:
+No model is loaded. It assembles ``results/03_gemma_grammar_features/full_N1024/summary.json``
+from:
 
-* ``results/03_gemma/full_N1024_layers16-17/summary.json``: the recorded full-mode run of
-  notebook 03 (layers 16 and 17, dataset seed 0); its per-label rows are re-averaged with the
-  paper's two macros (POS, morphology) instead of that run's mean over all labels;
-* ``results/03_gemma/dataset_draws.json`` (``scripts/gemma_dataset_draws.py``): other dataset
-  draws at N = 1024, their macros, the paper's randomized PCA and the POS-macro bootstrap.
+* ``results/03_gemma_grammar_features/full_N1024_layers16-17/summary.json``: the recorded
+  full-mode run of notebook 03 (layers 16 and 17, dataset seed 0); its per-label rows are
+  re-averaged with the paper's two macros (POS, morphology) instead of that run's mean over all
+  labels;
+* ``results/03_gemma_grammar_features/dataset_draws.json`` (``scripts/gemma_dataset_draws.py``):
+  other dataset draws at N = 1024, their macros, the paper's randomized PCA and the POS-macro
+  bootstrap.
 
 Layers never run at N = 1024 are listed with the reason. Table 3 (best layer per label, chosen
 on train AP, reported on test) is taken over the layers that were run.
@@ -20,8 +23,9 @@ import json
 
 import numpy as np
 
-from entk_helpers import results
-from entk_helpers.scoring import LabelScore, family_macros
+from entk_helpers.experiments.scoring import LabelScore, family_macros
+from entk_helpers.files import save_json
+from entk_helpers.notebook import results_dir
 
 N_LAYERS = 18
 MISSING_REASON = (
@@ -55,7 +59,7 @@ def best_layer_per_label(per_label: list[dict], method: str) -> list[dict]:
 
 
 def main() -> None:
-    base = results.results_dir("03_gemma")
+    base = results_dir("03_gemma_grammar_features")
     old = json.loads((base / "full_N1024_layers16-17" / "summary.json").read_text())
     layers = sorted(int(L) for L in old["layers"])
     per_layer = {}
@@ -93,8 +97,9 @@ def main() -> None:
               for L, d in diff.items()}
     summary = {
         "what": __doc__.split("\n\n")[0],
-        "source": {"recorded_run": "results/03_gemma/full_N1024_layers16-17/summary.json",
-                   "dataset_draws": "results/03_gemma/dataset_draws.json",
+        "source": {"recorded_run":
+                   "results/03_gemma_grammar_features/full_N1024_layers16-17/summary.json",
+                   "dataset_draws": "results/03_gemma_grammar_features/dataset_draws.json",
                    "assembled_by": "scripts/gemma_03_full_summary.py"},
         "N": old["N"], "T": old["T"], "model": old["model"], "corpus": old["corpus"],
         "n_pos_test_per_class": n_pos,
@@ -116,7 +121,7 @@ def main() -> None:
                     "macro; kept as recorded"},
         "per_label": old["per_label"],
     }
-    target = results.save_json(summary, base / "full_N1024" / "summary.json")
+    target = save_json(summary, base / "full_N1024" / "summary.json")
     for L in layers:
         e, p = per_layer[L]["entk"]["macro_pos"], per_layer[L]["pca_exact"]["macro_pos"]
         print(f"layer {L}: POS macro AUROC eNTK {e['test_auroc']:.3f} PCA {p['test_auroc']:.3f};"

@@ -2,11 +2,11 @@
 
 For each draw seed: rebuild the N = 8 x n_per_class grammar dataset with that seed (the seed
 orders each class's candidate pool, so other windows of the same corpus are drawn), solve the
-layer eNTK of each layer (cached per layer under results/03_gemma/cache/), and score eNTK,
-exact PCA and the paper's randomized ``pca_lowrank(q=25, niter=2)`` (several seeds) with the
-paper's two macros. The split seed, Lanczos seed and every other setting stay those of notebook
-03. Writes results/03_gemma/dataset_draws.json after every draw (a rerun resumes: built
-datasets and solved layers are read back from the cache).
+layer eNTK of each layer (cached per layer under results/03_gemma_grammar_features/cache/), and
+score eNTK, exact PCA and the paper's randomized ``pca_lowrank(q=25, niter=2)`` (several seeds)
+with the paper's two macros. The split seed, Lanczos seed and every other setting stay those of
+notebook 03. Writes results/03_gemma_grammar_features/dataset_draws.json after every draw (a
+rerun resumes: built datasets and solved layers are read back from the cache).
 
     HF_HUB_OFFLINE=1 python scripts/gemma_dataset_draws.py --seeds 1 2 0 3
 """
@@ -19,12 +19,18 @@ import time
 
 import numpy as np
 
-from entk_helpers import results
-from entk_helpers.baselines import pca_lowrank_directions
+from entk_helpers.experiments.baselines import pca_lowrank_directions
+from entk_helpers.experiments.grammar import build_dataset, load_corpus, load_tagger, tagger_id
+from entk_helpers.experiments.layer_runs import solve_layers
+from entk_helpers.experiments.scoring import (
+    bootstrap_macro,
+    family_macros,
+    score_labels,
+    stratified_split,
+)
+from entk_helpers.files import save_json
 from entk_helpers.gemma import load_gemma, sqrt_psd, unembedding_gram
-from entk_helpers.grammar import build_dataset, load_corpus, load_tagger, tagger_id
-from entk_helpers.layer_runs import solve_layers
-from entk_helpers.scoring import bootstrap_macro, family_macros, score_labels, stratified_split
+from entk_helpers.notebook import default_device, results_dir
 
 K, STEPS, SPLIT_SEED, LANCZOS_SEED = 25, 50, 0, 0
 
@@ -36,12 +42,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[16, 17])
     parser.add_argument("--lowrank-seeds", type=int, default=5)
     parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--out", default="dataset_draws.json", help="file in results/03_gemma")
+    parser.add_argument("--out", default="dataset_draws.json",
+                        help="file in results/03_gemma_grammar_features")
     args = parser.parse_args()
-    out_dir = results.results_dir("03_gemma")
+    out_dir = results_dir("03_gemma_grammar_features")
     target = out_dir / args.out
     record = json.loads(target.read_text()) if target.exists() else {"draws": {}}
-    model, tokenizer, info = load_gemma(results.default_device())
+    model, tokenizer, info = load_gemma(default_device())
     stories, corpus = load_corpus()
     nlp = load_tagger()
     s_half = sqrt_psd(unembedding_gram(model)).float()
@@ -85,12 +92,12 @@ def main() -> None:
                   f" PCA {p['macro_pos']['test_auroc']:.3f}", flush=True)
         windows[seed] = {tuple(x) for x in data.input_ids.tolist()}
         record["draws"][str(seed)] = draw
-        results.save_json(record, target)
+        save_json(record, target)
     if len(windows) > 1:  # how many windows two draws share (the corpus is small)
         seeds = sorted(windows)
         record["shared_windows"] = {f"{a}-{b}": len(windows[a] & windows[b])
                                     for i, a in enumerate(seeds) for b in seeds[i + 1:]}
-        results.save_json(record, target)
+        save_json(record, target)
     print(f"wrote {target}")
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from entk_helpers.modular import OneLayerTransformer
+from entk_helpers.experiments.modular import OneLayerTransformer
 
 
 def brute_force_ntk(

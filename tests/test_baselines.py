@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from entk_helpers import subspace_overlap
-from entk_helpers.baselines import (
+from entk_helpers.experiments.baselines import (
     overlap_curve,
     pca_directions,
     pca_lowrank_directions,

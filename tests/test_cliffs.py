@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from entk_helpers import find_cliffs
-from entk_helpers.modular import mlp_trace_ntk, modular_addition_data, paper_mlp, train
+from entk_helpers.experiments.modular import mlp_trace_ntk, modular_addition_data, paper_mlp, train
 
 
 def sizes(lam: np.ndarray, **kwargs: float) -> list[int]:

@@ -163,7 +163,7 @@ def test_the_torchrun_example_script(tmp_path: Path) -> None:
     """``scripts/distributed_eigenpairs.py`` under torchrun with two processes, against the
     dense eigenvalues of the same kernel computed here."""
     from entk_helpers import empirical_ntk
-    from entk_helpers.modular import ModularMLP, modular_addition_data
+    from entk_helpers.experiments.modular import ModularMLP, modular_addition_data
 
     out = tmp_path / "eig.json"
     env = loopback_env()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from entk_helpers.frequencies import (
+from entk_helpers.experiments.frequencies import (
     embedding_fourier_power,
     key_frequencies,
     neuron_fourier_shares,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from entk_helpers import gemma, grammar
+from entk_helpers import gemma
+from entk_helpers.experiments import grammar
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64  # stands for the 253 MB file
 

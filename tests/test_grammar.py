@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from entk_helpers import grammar
+from entk_helpers.experiments import grammar
 
 
 def test_shipped_corpus_loads(monkeypatch):

@@ -13,7 +13,7 @@ from ntk_references import brute_force_ntk, reduce_kernel, rel_err
 from torch.utils.data import DataLoader, TensorDataset
 
 from entk_helpers import empirical_ntk
-from entk_helpers.modular import (
+from entk_helpers.experiments.modular import (
     ModularMLP,
     OneLayerTransformer,
     load_trained,
@@ -273,7 +273,7 @@ def test_save_and_load_trained_check_the_description(tmp_path: Path) -> None:
 
 
 # --- the author's transformer recipe, written here from the facts of the released notebook
-# (modular_arithmetic_transformer_v4), independently of entk_helpers.modular
+# (modular_arithmetic_transformer_v4), independently of entk_helpers.experiments.modular
 
 
 def _paper_draws(seed: int) -> dict[str, torch.Tensor]:

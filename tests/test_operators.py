@@ -61,7 +61,7 @@ def test_float32_model_within_1e_4() -> None:
 def test_operator_agrees_with_empirical_ntk_on_the_paper_mlp_shape() -> None:
     """The modular MLP at a small modulus: what the benchmark does at p = 29."""
     from entk_helpers import empirical_ntk
-    from entk_helpers.modular import ModularMLP, modular_addition_data
+    from entk_helpers.experiments.modular import ModularMLP, modular_addition_data
 
     pairs, _ = modular_addition_data(5)
     model = ModularMLP(5, width=16).double()

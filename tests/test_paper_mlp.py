@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from entk_helpers.modular import ModularMLP, paper_mlp, train_test_split
+from entk_helpers.experiments.modular import ModularMLP, paper_mlp, train_test_split
 
 
 @pytest.mark.parametrize("seed", [0, 5])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from entk_helpers.baselines import nontrivial_pca_directions, pca_directions
-from entk_helpers.modular import ModularMLP, modular_addition_data
+from entk_helpers.experiments.baselines import nontrivial_pca_directions, pca_directions
+from entk_helpers.experiments.modular import ModularMLP, modular_addition_data
 
 
 def test_stops_at_the_rank_and_matches_numpy() -> None:

@@ -1,9 +1,10 @@
 """Notebook 03's recorded N = 1024 artefacts (committed JSON) say what the prose says of them.
 
 These test files, not a run: the recorded full-mode run of layers 16-17
-(``results/03_gemma/full_N1024_layers16-17``), the summary assembled from it and from the
-dataset draws (``results/03_gemma/full_N1024``, ``scripts/gemma_03_full_summary.py``) and the
-draws themselves (``results/03_gemma/dataset_draws.json``). Macros are recomputed here from the
+(``results/03_gemma_grammar_features/full_N1024_layers16-17``), the summary assembled from it
+and from the dataset draws (``results/03_gemma_grammar_features/full_N1024``,
+``scripts/gemma_03_full_summary.py``) and the draws themselves
+(``results/03_gemma_grammar_features/dataset_draws.json``). Macros are recomputed here from the
 per-label rows by hand (plain means over the labels of each family).
 """
 
@@ -14,9 +15,9 @@ import json
 import numpy as np
 import pytest
 
-from entk_helpers.results import repo_root
+from entk_helpers.notebook import repo_root
 
-BASE = repo_root() / "results" / "03_gemma"
+BASE = repo_root() / "results" / "03_gemma_grammar_features"
 PAPER_POS_AUROC = {16: {"entk": .827, "pca": .745}, 17: {"entk": .819, "pca": .775}}
 
 

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from entk_helpers.scoring import (
+from entk_helpers.experiments.scoring import (
     auroc,
     average_precision,
     best_direction,
@@ -77,7 +77,7 @@ def test_split_and_best_direction():
 
 
 def test_family_macros_average_each_family_apart():
-    from entk_helpers.scoring import LabelScore
+    from entk_helpers.experiments.scoring import LabelScore
 
     def row(label, auroc_value):
         return LabelScore(label, 0, 1, 0.5, 0.5, auroc_value, 0.5, 1.0, 4)

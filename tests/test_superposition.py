@@ -9,7 +9,7 @@ import torch
 from ntk_references import brute_force_ntk, rel_err
 
 from entk_helpers import ntk_operator, top_eigenpairs
-from entk_helpers.superposition import (
+from entk_helpers.experiments.superposition import (
     ToyModel,
     feature_coverage,
     feature_importance,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..baselines import pca_directions
+from ..experiments.baselines import pca_directions
 from ..eigen import top_eigenpairs
 from ..progress import progress_bar
 from .operator import LayerNTKOperator

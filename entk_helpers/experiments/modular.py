@@ -25,8 +25,6 @@ import copy
 import math
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .progress import progress_bar
-from .results import save_torch
+from .._model import intra_op_threads
+from ..files import save_torch
+from ..progress import progress_bar
 
 
 def modular_addition_data(p: int) -> tuple[Tensor, Tensor]:
@@ -437,7 +436,7 @@ def train(
                                           for k, v in model.state_dict().items()})
 
     began = time.perf_counter()
-    with _intra_op_threads(cpu_threads if device.type == "cpu" else None):
+    with intra_op_threads(cpu_threads if device.type == "cpu" else None):
         if start == 0:
             evaluate(0)
             snapshot(0)
@@ -531,18 +530,6 @@ def train_paper_transformer(
                 extra_draws_every=recipe["extra_draws_every"], checkpoint=checkpoint,
                 checkpoint_every=checkpoint_every, progress=progress)
     return model, run
-
-
-@contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads (None: as they are), restoring them after."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # files written by save_trained before the transformer's initialisation was the paper's carry

@@ -24,8 +24,9 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from .modular import _intra_op_threads
-from .progress import progress_bar
+from .._arrays import as_tensor
+from .._model import intra_op_threads
+from ..progress import progress_bar
 
 
 def feature_importance(n_features: int, decay: float = 0.8) -> Tensor:
@@ -90,7 +91,7 @@ def train_toy_model(
     """Full-batch Adam on the importance-weighted MSE of reconstructing ``data`` (N, n).
 
     Returns the loss before each step, ``(epochs,)``. ``cpu_threads`` as in
-    :func:`entk_helpers.modular.train` (one thread: these ops are tiny).
+    :func:`entk_helpers.experiments.modular.train` (one thread: these ops are tiny).
     """
     if data.ndim != 2 or data.shape[1] != model.W.shape[1] or importance.shape != data.shape[1:]:
         raise ValueError(f"data {tuple(data.shape)} and importance {tuple(importance.shape)} "
@@ -99,7 +100,7 @@ def train_toy_model(
     data, importance = data.to(device), importance.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = np.empty(epochs)
-    with _intra_op_threads(cpu_threads if device.type == "cpu" else None):
+    with intra_op_threads(cpu_threads if device.type == "cpu" else None):
         for epoch in progress_bar(range(epochs), desc="training", disable=not progress):
             optimizer.zero_grad(set_to_none=True)
             loss = importance_weighted_mse(model(data), data, importance)
@@ -165,8 +166,7 @@ def output_mass(vectors: Tensor | np.ndarray, n_outputs: int) -> Tensor:
     Returns:
         Rows sum to 1; entry [j, c] = sum over n of ``v_j[n*C + c]**2 / ||v_j||**2``.
     """
-    v = torch.as_tensor(np.ascontiguousarray(vectors) if isinstance(vectors, np.ndarray)
-                        else vectors).detach().cpu().double()
+    v = as_tensor(vectors, torch.float64, "cpu")
     if v.ndim != 2 or v.shape[0] % n_outputs:
         raise ValueError(f"vectors must be (N*C, k) with C={n_outputs} dividing N*C; got "
                          f"{tuple(v.shape)}")
@@ -218,8 +218,7 @@ def feature_coverage(vectors: Tensor | np.ndarray, data: Tensor) -> FeatureCover
     """:class:`FeatureCoverage` of an orthonormal block ``(N*C, k)`` (rows ``n*C + c``) of the
     full kernel of a TMS model over ``data`` ``(N, C)``."""
     n, c = data.shape
-    v = torch.as_tensor(np.ascontiguousarray(vectors) if isinstance(vectors, np.ndarray)
-                        else vectors).detach().cpu().double()
+    v = as_tensor(vectors, torch.float64, "cpu")
     if v.ndim != 2 or v.shape[0] != n * c:
         raise ValueError(f"vectors must be (N*C, k) = ({n * c}, k) for data of shape "
                          f"{tuple(data.shape)}; got {tuple(v.shape)}")

@@ -1,4 +1,4 @@
-"""The notebook helpers that read the environment: full mode and headless runs."""
+"""Atomic files (entk_helpers.files) and the notebook helpers that read the environment."""
 
 from __future__ import annotations
 
@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from entk_helpers.results import (
-    full_mode,
-    interactive_widgets,
-    results_dir,
-    save_arrays,
-    save_figure,
-    save_json,
-    save_torch,
-)
+from entk_helpers.files import save_arrays, save_figure, save_json, save_torch
+from entk_helpers.notebook import full_mode, interactive_widgets, results_dir
 
 
 def test_headless_runs_build_no_widgets(monkeypatch: pytest.MonkeyPatch) -> None:

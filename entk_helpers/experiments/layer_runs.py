@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .progress import progress_bar
-from .results import save_arrays
+from ..files import save_arrays
+from ..progress import progress_bar
 
 CACHE_VERSION = 2  # 2: the PCA input is stored beside the scores
 
@@ -58,7 +58,7 @@ def solve_layers(
         {"layers": {L: dict of arrays and solver info}, "prefix_seconds": float,
          "solved": the layers solved in this call (the others were read back)}.
     """
-    from .gemma import capture_prefix, layer_directions
+    from ..gemma import capture_prefix, layer_directions
 
     key = run_key(input_ids, model_source)
     todo = [L for L in layers if not layer_cache_path(folder, key, L, k, steps).exists()]

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .progress import progress_bar
-from .results import save_arrays, save_json
+from ..files import save_arrays, save_json
+from ..progress import progress_bar
 
 UPOS_CLASSES = ("PUNCT", "PRON", "PROPN", "DET", "ADV", "CCONJ", "NOUN", "VERB")
 # bump when the candidate search, the greedy filter or the label filters change what is built
@@ -46,7 +46,7 @@ TAGGER_HINT = (
 
 def shipped_stories_dir() -> Path:
     """``data/stories`` of the repository."""
-    from entk_helpers.results import repo_root
+    from entk_helpers.notebook import repo_root
 
     return repo_root() / "data" / "stories"
 
@@ -65,7 +65,7 @@ def load_corpus(
     Returns:
         (stories, name); name says which corpus was used.
     """
-    from entk_helpers.results import downloads_allowed
+    from ..notebook import downloads_allowed
 
     offline = os.environ.get("HF_DATASETS_OFFLINE", "0") not in {"0", ""}
     if downloads_allowed(allow_downloads) and not offline:
@@ -245,14 +245,14 @@ def build_dataset(
     corpus_name: str = "",
     cache_folder: str | Path | None = None,
     nlp: Any = None,
-    batch_size: int = 32,
+    chunk_size: int = 32,
 ) -> GrammarDataset:
     """Build (or load from cache) the stratified, greedy-filtered windows and their labels.
 
     ``seed`` is the draw seed: it orders each class's candidate pool, so another seed draws
     other windows from the same corpus. With ``cache_folder``, the dataset is read from
     ``grammar-<key>.npz/.json`` when present (:func:`dataset_cache_key`) and written there
-    otherwise.
+    otherwise. ``chunk_size``: candidate windows the model tags per forward pass.
 
     Raises:
         RuntimeError: when the corpus has too few accepted windows for some class.
@@ -280,7 +280,7 @@ def build_dataset(
         batch = []
         for c in UPOS_CLASSES:
             need = n_per_class - len(chosen[c])
-            take = min(len(pools[c]), max(0, 2 * need), batch_size // 2)
+            take = min(len(pools[c]), max(0, 2 * need), max(1, chunk_size // 2))
             batch += pools[c][:take]
             pools[c] = pools[c][take:]
         for cand, tag in zip(batch, _greedy_pos(model, tokenizer, nlp, stories, batch)):

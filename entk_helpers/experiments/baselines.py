@@ -26,11 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .features import orthonormal_basis
-
-
-def _as_double(x: Tensor | np.ndarray) -> Tensor:
-    return torch.as_tensor(x).detach().cpu().double()
+from .._arrays import as_tensor
+from ..features import orthonormal_basis
 
 
 def pca_directions(activations: Tensor | np.ndarray, k: int) -> Tensor:
@@ -44,7 +41,7 @@ def pca_directions(activations: Tensor | np.ndarray, k: int) -> Tensor:
         ``(N, k)`` float64, column j = ``U[:, j] * S[j]`` of the SVD of the mean-centred
         activations (so columns are orthogonal, ordered by explained variance; signs arbitrary).
     """
-    x = _as_double(activations)
+    x = as_tensor(activations, torch.float64, "cpu")
     x = x.reshape(x.shape[0], -1)
     n, d = x.shape
     if not 1 <= k <= min(n, d):
@@ -71,7 +68,7 @@ def nontrivial_pca_directions(activations: Tensor | np.ndarray, k: int, *, cente
     """
     if k < 1:
         raise ValueError(f"k={k}: ask for at least one component")
-    x = _as_double(activations)
+    x = as_tensor(activations, torch.float64, "cpu")
     x = x.reshape(x.shape[0], -1)
     if center:
         x = x - x.mean(dim=0, keepdim=True)
@@ -118,7 +115,7 @@ def overlap_curve(
         ``(len(ks),)`` float64: ``||Q_k^T F||_F^2`` in ``[0, min(k, f)]``, with ``Q_k`` an
         orthonormal basis of the first ``k`` directions and ``F`` of the family.
     """
-    v = _as_double(vectors)
+    v = as_tensor(vectors, torch.float64, "cpu")
     if v.ndim != 2:
         raise ValueError(f"vectors must be (N, K), got shape {tuple(v.shape)}")
     ks = [int(k) for k in ks]
@@ -159,7 +156,7 @@ def pca_lowrank_directions(
         ``(N, k)`` float64: the centred activations projected on the first ``k`` returned
         right singular vectors (``(H - mean) V[:, :k]``; signs arbitrary).
     """
-    x = _as_double(activations)
+    x = as_tensor(activations, torch.float64, "cpu")
     x = x.reshape(x.shape[0], -1)
     n, d = x.shape
     if not 1 <= k <= q <= min(n, d):
