@@ -8,7 +8,7 @@ from entk_helpers.experiments import grammar
 
 
 def test_shipped_corpus_loads(monkeypatch):
-    monkeypatch.setattr("entk_helpers.gemma._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("entk_helpers.lm.loading._hub_reachable", lambda timeout=3.0: False)
     stories, name = grammar.load_corpus()
     assert len(stories) >= 20 and "shipped" in name
     assert all(grammar.STORY_SEPARATOR not in s for s in stories)

@@ -69,7 +69,7 @@ def load_corpus(
 
     offline = os.environ.get("HF_DATASETS_OFFLINE", "0") not in {"0", ""}
     if downloads_allowed(allow_downloads) and not offline:
-        from entk_helpers.gemma import _hub_reachable
+        from entk_helpers.lm.loading import _hub_reachable
 
         if _hub_reachable():
             try:
@@ -193,7 +193,8 @@ def dataset_cache_key(
     """16 hex digits of a hash of everything that shapes a built dataset.
 
     Args:
-        model_source: where the model came from (``load_gemma``'s ``info["source"]``).
+        model_source: where the model came from (``info["source"]`` of
+            :func:`entk_helpers.lm.load_gemma`).
         tagger: tagger name and version (:func:`tagger_id`).
         corpus: the stories themselves (hashed).
         n, T, seed: dataset size, window length, draw seed.

