@@ -29,7 +29,7 @@ from entk_helpers.experiments.scoring import (
     stratified_split,
 )
 from entk_helpers.files import save_json
-from entk_helpers.gemma import load_gemma, sqrt_psd, unembedding_gram
+from entk_helpers.lm import load_gemma, sqrt_psd, unembedding_gram
 from entk_helpers.notebook import default_device, results_dir
 
 K, STEPS, SPLIT_SEED, LANCZOS_SEED = 25, 50, 0, 0
