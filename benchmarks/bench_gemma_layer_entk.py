@@ -1,10 +1,13 @@
 """Seconds per layer: this package's layer eNTK route vs the paper's route, on the real model.
 
-Both solve the top-k eigenpairs of ``K~ = S^(1/2) K_r S^(1/2)`` for one layer's down_proj weight
-with the same fixed-step Lanczos (same start vector) on the same N windows of T tokens:
+Both solve the top-k eigenpairs of ``K~ = S^(1/2) K_r S^(1/2)`` for one weight of each layer
+(``--weight``, default the paper's ``mlp.down_proj``) with the same fixed-step Lanczos (same
+start vector) on the same N windows of T tokens:
 
-* ours: one prefix forward, then products through the tail only (``LayerEntk``);
-* paper: every product reruns the whole model (VJP then JVP w.r.t. the weight).
+* ours: one prefix forward, then products through the tail only
+  (:class:`entk_helpers.lm.LayerNTKOperator`);
+* paper: every product reruns the whole model (VJP then JVP w.r.t. the weight), the generic
+  :func:`entk_helpers.ntk_operator` on ``last_hidden_state[:, -1] @ S^(1/2)``.
 
 The paper's route is timed over ``--paper-steps`` products and scaled to ``--steps`` (printed as
 such); with ``--paper-steps`` >= ``--steps`` it runs the full solve too and the subspace overlap of
@@ -29,13 +32,14 @@ import time
 import numpy as np
 import torch
 
+from entk_helpers import ntk_operator
 from entk_helpers.eigen import top_eigenpairs
 from entk_helpers.experiments.grammar import load_corpus
-from entk_helpers.gemma import (
-    LayerEntk,
+from entk_helpers.lm import (
+    LayerNTKOperator,
     capture_prefix,
+    layer_weight,
     load_gemma,
-    paper_route_operator,
     sqrt_psd,
     unembedding_gram,
 )
@@ -59,6 +63,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--T", type=int, default=64)
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 16, 17])
+    parser.add_argument("--weight", default="mlp.down_proj",
+                        help="the weight's path inside each block, e.g. self_attn.o_proj")
     parser.add_argument("--k", type=int, default=25)
     parser.add_argument("--steps", type=int, default=50, help="Lanczos steps (paper: 50)")
     parser.add_argument("--paper-steps", type=int, default=3,
@@ -73,7 +79,8 @@ def main() -> None:
 
     model, tok, info = load_gemma(device)
     print(f"model: {info['source']} (quantized={info['quantized']}); "
-          f"N={args.n}, T={args.T}, k={args.k}, {args.steps} Lanczos steps, device {device}, "
+          f"{args.weight}, N={args.n}, T={args.T}, k={args.k}, {args.steps} Lanczos steps, "
+          f"device {device}, "
           f"{torch.get_num_threads()} threads; ours: block size {args.block_size}")
     ids = windows(tok, args.n, args.T)
     s_half = sqrt_psd(unembedding_gram(model)).float()
@@ -81,18 +88,20 @@ def main() -> None:
     rows = []
     for L in args.layers:
         t0 = time.perf_counter()
-        prefix = capture_prefix(model, ids, [L])[L]
-        op = LayerEntk.build(model, prefix, s_half)
+        weight = layer_weight(model, L, args.weight)
+        prefix = capture_prefix(model, ids, [weight])[weight]
+        op = LayerNTKOperator(model, prefix, output="logits", s_half=s_half)
         if args.block_size == 1:
-            ours = top_eigenpairs(op.linear_operator(), args.k, method="lanczos",
-                                  max_steps=args.steps, v0=start)
+            ours = top_eigenpairs(op, args.k, method="lanczos", max_steps=args.steps, v0=start)
         else:
-            ours = top_eigenpairs(op.linear_operator(), args.k, method="block_lanczos",
+            ours = top_eigenpairs(op, args.k, method="block_lanczos",
                                   block_size=args.block_size,
                                   max_steps=args.ours_products or args.steps)
         t_ours = time.perf_counter() - t0
 
-        paper = paper_route_operator(model, ids, L, s_half)
+        paper = ntk_operator(model.base_model, ids,
+                             params=weight.removeprefix(model.base_model_prefix + "."),
+                             select=lambda out: out.last_hidden_state[:, -1] @ s_half)
         if args.paper_steps >= args.steps:
             t0 = time.perf_counter()
             ref = top_eigenpairs(paper, args.k, method="lanczos", max_steps=args.steps, v0=start)
@@ -110,7 +119,7 @@ def main() -> None:
             res = [np.linalg.norm(paper.matvec(v) - lam * v) / ours.values[0].item()
                    for v, lam in zip(V.T, ours.values[:3].numpy())]
             agreement = f"top-3 rel. residual under paper op {max(res):.1e}"
-        route = f"{op.route}, {op.matvecs} products"
+        route = f"{op.route}, {op.n_matvecs} products"
         rows.append((L, route, t_ours, t_paper, how, agreement))
         print(f"layer {L:2d} [{route}]: ours {t_ours:7.1f} s, paper {t_paper:7.1f} s "
               f"({how}), x{t_paper / t_ours:.0f}, {agreement}", flush=True)

@@ -1,10 +1,11 @@
-"""Gemma-3-270M layer eNTK at a large N: what ``LayerEntk.build`` keeps, its memory and speed.
+"""Gemma-3-270M layer eNTK at a large N: what ``LayerNTKOperator`` keeps, its memory and speed.
 
 For each layer: the plan chosen under the memory budget, the build time, seconds per kernel-vector
 product, and the growth of the process's RSS over building the operator and the products, next to
-``tail_memory``'s estimate of what the plan keeps (the ratio checks the ``*_GRAPH_FLOATS``
-constants). Windows are T consecutive tokens of the shipped stories (overlapping when N needs it).
-Each layer runs in its own process, so the RSS of one does not mask the next.
+the estimate of what the plan keeps (N x :func:`entk_helpers.lm.tail_memory`, the graphs
+measured on one window; the ratio checks that measurement). Windows are T consecutive tokens
+of the shipped stories (overlapping when N needs it). Each layer runs in its own process, so
+the RSS of one does not mask the next.
 
     python benchmarks/bench_gemma_memory_plan.py --n 1024 --layers 16 14 0 --products 2
 """
@@ -18,9 +19,10 @@ import time
 import torch
 
 from entk_helpers.experiments.grammar import load_corpus
-from entk_helpers.gemma import (
-    LayerEntk,
+from entk_helpers.lm import (
+    LayerNTKOperator,
     capture_prefix,
+    layer_weight,
     load_gemma,
     sqrt_psd,
     tail_memory,
@@ -48,11 +50,13 @@ def stream_windows(tokenizer, n: int, T: int) -> torch.Tensor:
 def one_layer(layer: int, n: int, T: int, products: int) -> str:
     model, tok, _ = load_gemma()
     ids = stream_windows(tok, n, T)
-    prefix = capture_prefix(model, ids, [layer])[layer]
+    weight = layer_weight(model, layer, "mlp.down_proj")
+    prefix = capture_prefix(model, ids, [weight])[weight]
     s_half = sqrt_psd(unembedding_gram(model)).float()
+    per_window = tail_memory(model, prefix)
     before = rss_gb()
     t0 = time.perf_counter()
-    op = LayerEntk.build(model, prefix, s_half)
+    op = LayerNTKOperator(model, prefix, output="logits", s_half=s_half)
     build = time.perf_counter() - t0
     V = torch.randn(n, op.d, 1)
     t0 = time.perf_counter()
@@ -62,10 +66,9 @@ def one_layer(layer: int, n: int, T: int, products: int) -> str:
     grown = rss_gb() - before
     if op.route == "structured":
         return f"| {layer} | structured | {build:.0f} | {per_product:.1f} | {grown:.1f} | - | - |"
-    estimate = tail_memory(model, layer, n, T + 1)
-    kept = (estimate["vjp"] * (op.extras["vjp"] == "stored")
-            + estimate["jvp"] * (op.extras["jvp"] == "stored")) / 1e9
-    plan = f"VJP {op.extras['vjp']}, JVP {op.extras['jvp']}, chunk {op.extras['chunk_size']}"
+    kept = n * (per_window["vjp"] * (op.plan["vjp"] == "stored")
+                + per_window["jvp"] * (op.plan["jvp"] == "stored")) / 1e9
+    plan = f"VJP {op.plan['vjp']}, JVP {op.plan['jvp']}, chunk {op.plan['chunk_size']}"
     ratio = f"{grown / kept:.2f}" if kept else "-"
     return (f"| {layer} | {plan} | {build:.0f} | {per_product:.1f} | {grown:.1f} | {kept:.1f} "
             f"| {ratio} |")

@@ -144,7 +144,8 @@ def top_eigenpairs(
 
 
 # A product of a symmetric operator that computes in float32 inside (ntk_operator of a
-# float32 model, LayerEntk) is symmetric to ~1e-6 relative; a non-symmetric one to order 1.
+# float32 model, lm.LayerNTKOperator) is symmetric to ~1e-6 relative; a non-symmetric one to
+# order 1.
 OPERATOR_SYMMETRY_TOL = 1e-3
 
 

@@ -32,8 +32,11 @@ from entk_helpers.lm import (  # noqa: E402
     capture_prefix,
     layer_ntk_operator,
     layer_weight,
+    sqrt_psd,
     tail_memory,
+    unembedding_gram,
 )
+from entk_helpers.lm.model import final_norm  # noqa: E402
 
 N, T = 3, 6
 KINDS = {"mlp": 0, "attention output": 1, "attention input": 2}
@@ -157,13 +160,12 @@ def test_bad_arguments_say_what_to_do() -> None:
         layer_ntk_operator(model, ids, weight=layer_weight(model, 0, "mlp.c_proj"))
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3_text"])
 def test_the_papers_route_through_ntk_operator_gives_the_same_logit_kernel(name: str) -> None:
     """The paper's route, every product rerunning the whole model (the package's generic
-    ``ntk_operator`` on ``h S^(1/2)``), against the tail route (the baseline that replaces
-    ``gemma.paper_route_operator``)."""
+    ``ntk_operator`` on ``h S^(1/2)``, as notebook 03 and the benchmarks time it), against the
+    tail route."""
     from entk_helpers import ntk_operator
-    from entk_helpers.lm import sqrt_psd, unembedding_gram
 
     model = tiny_model(name)
     ids = torch.randint(0, VOCAB, (N, T))
@@ -174,6 +176,39 @@ def test_the_papers_route_through_ntk_operator_gives_the_same_logit_kernel(name:
         model.base_model_prefix + "."), select=lambda out: out.last_hidden_state[:, -1] @ s_half)
     X = torch.randn(N * WIDTH, 2, dtype=torch.float64)
     assert _rel(paper.matmat_torch(X), ours.matmat_torch(X)) < 1e-6
+
+
+def test_unembedding_gram_is_u_transpose_u_in_chunks_and_refuses_softcapping() -> None:
+    model = tiny_model("gemma3_text")
+    U = model.get_output_embeddings().weight
+    S = unembedding_gram(model, chunk_size=7)  # 50 rows: 8 chunks, the last one short
+    torch.testing.assert_close(S, U.T @ U)
+    root = sqrt_psd(S)
+    torch.testing.assert_close(root @ root, S)
+    torch.testing.assert_close(root, root.T)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="softcapping"):
+        unembedding_gram(model)
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "gpt2"])
+def test_the_prefix_keeps_the_block_outputs_and_the_last_hidden_state(name: str) -> None:
+    """Against the model's own ``output_hidden_states``: block L's output at the last position
+    (the PCA input), and the final-normed hidden state (HF reports the last block's output
+    after the final norm)."""
+    model = tiny_model(name)
+    ids = torch.randint(0, VOCAB, (N, T))
+    out = model.base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    weights = [layer_weight(model, L, WEIGHTS[name][0]) for L in range(LAYERS)]
+    prefixes = capture_prefix(model, ids, weights, chunk_size=2)
+    for L, w in enumerate(weights):
+        torch.testing.assert_close(prefixes[w].hidden_last, out.last_hidden_state[:, -1])
+        torch.testing.assert_close(prefixes[w].hidden_in, out.hidden_states[L])
+        if L < LAYERS - 1:
+            torch.testing.assert_close(prefixes[w].block_out_last, out.hidden_states[L + 1][:, -1])
+        else:
+            torch.testing.assert_close(final_norm(model)(prefixes[w].block_out_last),
+                                       out.last_hidden_state[:, -1])
 
 
 def test_a_tail_that_does_not_reproduce_the_model_is_refused() -> None:
