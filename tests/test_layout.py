@@ -58,7 +58,8 @@ def test_as_tensor_takes_negative_strides_sequences_and_converts_on_request() ->
 
 
 def test_the_package_itself_imports_nothing_from_an_old_path() -> None:
-    code = ("import importlib, pkgutil, warnings\nwarnings.simplefilter('error', DeprecationWarning)\n"
+    code = ("import importlib, pkgutil, warnings\n"
+            "warnings.simplefilter('error', DeprecationWarning)\n"
             "import entk_helpers\n"
             "for info in pkgutil.walk_packages(entk_helpers.__path__, 'entk_helpers.'):\n"
             "    if info.name not in ('entk_helpers.results', 'entk_helpers._moved'):\n"

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..experiments.baselines import pca_directions
 from ..eigen import top_eigenpairs
+from ..experiments.baselines import pca_directions
 from ..progress import progress_bar
 from .operator import LayerNTKOperator
 from .prefix import Prefix
