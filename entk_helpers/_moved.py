@@ -3,6 +3,8 @@
 ``import entk_helpers.modular`` (and ``from entk_helpers import modular``) still work: a
 meta-path finder hands back the module at its new place, the same object, with a
 DeprecationWarning. Remove an entry when its old path has been deprecated for a release.
+``entk_helpers.gemma`` was dissolved into :mod:`entk_helpers.lm` with new signatures, so its
+import fails with a message that says where each name went.
 """
 
 from __future__ import annotations
@@ -19,11 +21,22 @@ MOVED = {f"entk_helpers.{name}": f"entk_helpers.experiments.{name}"
                       "superposition")}
 
 
+REMOVED = {"entk_helpers.gemma": (
+    "entk_helpers.gemma was dissolved into entk_helpers.lm in 0.2: load_gemma, sqrt_psd and "
+    "unembedding_gram are entk_helpers.lm's; LayerEntk.build(model, prefix, s_half) is "
+    "LayerNTKOperator(model, prefix, output='logits', s_half=s_half); capture_prefix and "
+    "layer_directions are keyed by the weight's full name, layer_weight(model, L, "
+    "'mlp.down_proj'); paper_route_operator is ntk_operator(model.base_model, ids, params=..., "
+    "select=lambda out: out.last_hidden_state[:, -1] @ s_half)")}
+
+
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Resolves an old module path to the module at its new path."""
 
     def find_spec(self, fullname: str, path: object = None, target: object = None
                   ) -> importlib.machinery.ModuleSpec | None:
+        if fullname in REMOVED:
+            raise ModuleNotFoundError(REMOVED[fullname], name=fullname)
         if fullname not in MOVED:
             return None
         return importlib.util.spec_from_loader(fullname, self)

@@ -67,3 +67,8 @@ def test_the_package_itself_imports_nothing_from_an_old_path() -> None:
     done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning:torch", "-c", code],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_dissolved_gemma_module_says_where_its_names_went() -> None:
+    with pytest.raises(ModuleNotFoundError, match="LayerNTKOperator"):
+        importlib.import_module("entk_helpers.gemma")
