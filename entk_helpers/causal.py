@@ -173,15 +173,17 @@ def random_ablations(
     :func:`ablated_parameters` and its removed component rescaled to ``change_norm`` (the
     norm an eNTK ablation removed): a random change of the same size and dimension.
 
-    Yields:
-        ``{name: tensor}`` parameter values for ``functional_call(model, ...)``, one per draw.
+    Returns:
+        An iterator of ``{name: tensor}`` parameter values for ``functional_call(model,
+        ...)``, one per draw, drawn as it is consumed (arguments are checked at the call).
     """
     if n_draws < 0 or change_norm < 0:
         raise ValueError(f"n_draws={n_draws}, change_norm={change_norm}: both must be >= 0")
     dim = flat_parameters(model, params).numel()
-    for draw in range(n_draws):
-        basis = random_subspace(dim, k, seed=seed + draw)
-        yield ablated_parameters(model, basis, params=params, change_norm=change_norm)[0]
+    if not 1 <= k <= dim:
+        raise ValueError(f"k={k} must be between 1 and the number of parameters P={dim}")
+    return (ablated_parameters(model, random_subspace(dim, k, seed=seed + draw), params=params,
+                               change_norm=change_norm)[0] for draw in range(n_draws))
 
 
 def dense_jacobian(model: nn.Module, inputs: Tensor, *, params: ParamSpec = None) -> Tensor:

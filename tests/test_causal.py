@@ -153,3 +153,5 @@ def test_random_ablations_are_seeded_random_subspaces_of_the_given_norm() -> Non
         change = flat - theta                          # inside the random subspace
         assert rel_err(basis @ (basis.T @ change), change) < 1e-10
     assert not torch.equal(draws[0]["fc1.weight"], draws[1]["fc1.weight"])
+    with pytest.raises(ValueError, match="k=0"):                  # at the call, not later
+        random_ablations(case.model, 0, 0.25, n_draws=4)
