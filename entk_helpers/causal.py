@@ -9,6 +9,9 @@ vector-Jacobian product per chunk of inputs (J is never formed). :func:`ablated_
 projects the trained parameters off such a subspace (or a random one, for a control), and
 the model evaluated at the result (``torch.func.functional_call``) says whether the network
 *uses* those directions: a causal test of what the eigenvectors only correlate with.
+:func:`random_ablations` draws its control: random subspaces of the same dimension whose
+removed component has the same norm. :func:`dense_jacobian` forms J itself, for models small
+enough to check the matrix-free results against (``J^T J`` has the kernel's nonzero spectrum).
 
 Parameters are flattened in the order of :func:`entk_helpers.ntk_operator` (the model's
 named parameters that the kernel is taken over, each row-major).
@@ -16,11 +19,13 @@ named parameters that the kernel is taken over, each row-major).
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import vjp, vmap
+from torch.func import functional_call, jacrev, vjp, vmap
 
 from ._model import (
     ModelOutputs,
@@ -151,3 +156,54 @@ def ablated_parameters(
         removed = removed * (change_norm / float(torch.linalg.vector_norm(removed)))
     return (unflatten_parameters(model, (theta.double() - removed).to(theta.dtype), params),
             float(torch.linalg.vector_norm(removed)))
+
+
+def random_ablations(
+    model: nn.Module,
+    k: int,
+    change_norm: float,
+    *,
+    n_draws: int,
+    seed: int = 0,
+    params: ParamSpec = None,
+) -> Iterator[dict[str, Tensor]]:
+    """The control of an ablation: ``n_draws`` random k-dim subspaces, same removed norm.
+
+    Draw i is :func:`random_subspace` ``(P, k, seed=seed + i)`` ablated with
+    :func:`ablated_parameters` and its removed component rescaled to ``change_norm`` (the
+    norm an eNTK ablation removed): a random change of the same size and dimension.
+
+    Returns:
+        An iterator of ``{name: tensor}`` parameter values for ``functional_call(model,
+        ...)``, one per draw, drawn as it is consumed (arguments are checked at the call).
+    """
+    if n_draws < 0 or change_norm < 0:
+        raise ValueError(f"n_draws={n_draws}, change_norm={change_norm}: both must be >= 0")
+    dim = flat_parameters(model, params).numel()
+    if not 1 <= k <= dim:
+        raise ValueError(f"k={k} must be between 1 and the number of parameters P={dim}")
+    return (ablated_parameters(model, random_subspace(dim, k, seed=seed + draw), params=params,
+                               change_norm=change_norm)[0] for draw in range(n_draws))
+
+
+def dense_jacobian(model: nn.Module, inputs: Tensor, *, params: ParamSpec = None) -> Tensor:
+    """The Jacobian ``(N*C, P)`` of the outputs, float64 on the CPU, by ``vmap(jacrev)``.
+
+    Rows ``n*C + c`` (input n, output c of the model's ``(N, C)`` outputs), columns in the
+    order of :func:`flat_parameters`. Memory ``N*C*P`` floats: for small models and checks
+    (``J J^T`` is the full eNTK, ``J^T v`` what :func:`weight_space_directions` returns).
+    A float64 copy of the model is differentiated; the model itself is not changed.
+    """
+    names = list(select_parameters(model, params))
+    reference = copy.deepcopy(model).cpu().double()
+    values = {name: p.detach() for name, p in reference.named_parameters() if name in names}
+
+    def one(values: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(reference, values, (x[None],))[0]
+
+    x = inputs.cpu()
+    x = x.double() if x.is_floating_point() else x
+    per_example = vmap(jacrev(one), in_dims=(None, 0))(values, x)
+    n = x.shape[0]
+    return torch.cat([per_example[name].reshape(n * per_example[name].shape[1], -1)
+                      for name in names], dim=1)

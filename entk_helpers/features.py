@@ -37,7 +37,9 @@ def fourier_family(p: int, kind: str, freqs: Sequence[int] | None = None) -> Ten
     Args:
         p: the modulus.
         kind: ``"a"``, ``"b"``, ``"sum"`` ((a+b) mod p), ``"diff"`` ((a-b) mod p), or
-            ``"axis_sum"`` (the a-family and the b-family at the same frequencies).
+            ``"axis_sum"`` (the a-family and the b-family at the same frequencies, side by
+            side: 4 columns per k; the paper's own axis_sum *adds* them, 2 columns per k:
+            :func:`entk_helpers.experiments.frequencies.author_axis_sum`).
         freqs: frequencies k (default 1..(p-1)/2). Two frequencies that are equal or
             conjugate mod p (k' = +-k) would give the same features twice and are refused.
 

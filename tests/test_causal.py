@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ntk_references import make_case, rel_err
+from ntk_references import brute_force_ntk, make_case, rel_err
 from torch.func import functional_call
 
 from entk_helpers.causal import (
     ablated_parameters,
+    dense_jacobian,
     flat_parameters,
+    random_ablations,
     random_subspace,
     unflatten_parameters,
     weight_space_directions,
@@ -125,3 +127,31 @@ def test_bad_shapes_name_the_argument() -> None:
         unflatten_parameters(case.model, torch.zeros(3))
     with pytest.raises(ValueError, match="k="):
         random_subspace(4, 5, seed=0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "frozen"])
+def test_dense_jacobian_is_the_explicit_one_and_gives_the_full_ntk(name: str) -> None:
+    case = make_case(name, torch.float32)
+    J = dense_jacobian(case.model, case.x1)
+    assert J.dtype == torch.float64
+    double = make_case(name)
+    assert rel_err(J, explicit_jacobian(double)) < 1e-6
+    k4 = brute_force_ntk(double.model, double.x1)                  # (N, C, N, C)
+    assert rel_err(J @ J.T, k4.reshape(J.shape[0], J.shape[0])) < 1e-6
+    assert J.shape[1] == flat_parameters(case.model).numel()
+
+
+def test_random_ablations_are_seeded_random_subspaces_of_the_given_norm() -> None:
+    case = make_case("mlp")
+    theta = flat_parameters(case.model)
+    draws = list(random_ablations(case.model, 3, 0.25, n_draws=4, seed=10))
+    assert len(draws) == 4
+    for i, values in enumerate(draws):
+        flat = torch.cat([values[name].reshape(-1) for name in values])
+        assert abs(float((flat - theta).norm()) - 0.25) < 1e-10
+        basis = random_subspace(theta.numel(), 3, seed=10 + i)
+        change = flat - theta                          # inside the random subspace
+        assert rel_err(basis @ (basis.T @ change), change) < 1e-10
+    assert not torch.equal(draws[0]["fc1.weight"], draws[1]["fc1.weight"])
+    with pytest.raises(ValueError, match="k=0"):                  # at the call, not later
+        random_ablations(case.model, 0, 0.25, n_draws=4)

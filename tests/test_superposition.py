@@ -10,16 +10,20 @@ from ntk_references import brute_force_ntk, rel_err
 
 from entk_helpers import ntk_operator, top_eigenpairs
 from entk_helpers.experiments.superposition import (
+    ModeFeatures,
     ToyModel,
+    ablation_target,
     feature_coverage,
     feature_importance,
     importance_weighted_mse,
+    indicator_mass,
     mode_features,
     output_mass,
     output_weighted,
     per_feature_error,
     represented_features,
     tms_data,
+    train_tms,
     train_toy_model,
 )
 
@@ -160,3 +164,45 @@ def test_feature_coverage_against_a_loop() -> None:
                                                                            got.off_ratio)
     with pytest.raises(ValueError, match="vectors must be"):
         feature_coverage(torch.randn(10, 2), data)
+
+
+def test_train_tms_is_the_recipe_step_by_step() -> None:
+    run = train_tms(3, 0.8, seed=4, n_features=6, n_points=40, decay=0.7, epochs=30, lr=1e-2,
+                    threshold=0.5, progress=False)
+    data = tms_data(40, 6, 0.8, seed=4)
+    model = ToyModel(6, 3, seed=4)
+    losses = train_toy_model(model, data, feature_importance(6, 0.7), epochs=30, lr=1e-2,
+                             progress=False)
+    assert torch.equal(run.data, data) and np.array_equal(run.losses, losses)
+    assert torch.equal(run.model.W, model.W) and not run.model.training
+    norms = (model.W.detach() ** 2).sum(0)
+    assert run.represented.tolist() == (norms >= 0.5).tolist()
+    assert run.count == int((norms >= 0.5).sum()) and run.n_params == 3 * 6 + 6
+    assert run.train_seconds > 0
+
+
+def test_indicator_mass_against_a_loop() -> None:
+    data = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    v = torch.randn(4 * 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = indicator_mass(v, data)
+    assert got.shape == (5, 3)
+    for j in range(5):
+        total = float((v[:, j] ** 2).sum())
+        for i in range(3):
+            on = sum(float(v[n * 3 + i, j]) ** 2 for n in range(4) if data[n, i] > 0)
+            assert abs(float(got[j, i]) - on / total) < 1e-12
+    with pytest.raises(ValueError, match="vectors"):
+        indicator_mass(v[:-1], data)
+
+
+def test_ablation_target_picks_the_first_clean_tracked_mode() -> None:
+    modes = ModeFeatures(feature=torch.tensor([2, 0, 1, 1, 0, 1]),
+                         share=torch.tensor([0.9, 0.4, 0.8, 0.3, 0.7, 0.6]))
+    tracked = torch.tensor([True, True, False])
+    # mode 0 lies on an untracked output and mode 1 is not clean: mode 2 picks output 1
+    feature, chosen = ablation_target(modes, tracked)
+    assert feature == 1 and chosen.tolist() == [2, 5]
+    feature, chosen = ablation_target(modes, torch.tensor([True, False, False]))   # mode 4
+    assert feature == 0 and chosen.tolist() == [4]
+    with pytest.raises(ValueError, match="min_share"):
+        ablation_target(modes, tracked, min_share=0.95)

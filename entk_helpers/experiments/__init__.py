@@ -2,7 +2,8 @@
 
 * :mod:`~entk_helpers.experiments.modular`: modular-addition data, the paper's MLP and
   one-layer transformer, their training recipes and saved runs (notebooks 01, 02, 04);
-* :mod:`~entk_helpers.experiments.frequencies`: Fourier frequencies of those models;
+* :mod:`~entk_helpers.experiments.frequencies`: Fourier frequencies of those models, and
+  notebook 02's Table 2 blocks and Fig. 3 alignment over training;
 * :mod:`~entk_helpers.experiments.grammar`: grammar-labelled text windows (notebook 03);
 * :mod:`~entk_helpers.experiments.scoring`: per-label AP, AUROC and macros of directions;
 * :mod:`~entk_helpers.experiments.baselines`: PCA and random baselines;

@@ -13,10 +13,14 @@ dynamics is ``D^(1/2) K D^(1/2)`` with ``D = diag(I)`` on the outputs (index ``n
 which outputs (features) an eigenvector of the ``(N*C, N*C)`` kernel lives on, and
 :func:`feature_coverage` whether an eigen-block lives where each feature is present (a
 represented feature) or everywhere (the bias mode of an output that is always on).
+:func:`train_tms` runs the paper's whole recipe for one model; :func:`indicator_mass` is the
+per-mode heatmap of notebook 05 and :func:`ablation_target` picks the feature and the modes
+that its causal check removes.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +114,58 @@ def train_toy_model(
     return losses
 
 
+@dataclass
+class TMSRun:
+    """One trained TMS model: ``model`` (eval mode), its fixed ``data`` (N, n), the loss
+    before each step ``losses`` (epochs,), ``train_seconds``, and ``represented`` (n,) bool
+    on the CPU (:func:`represented_features`)."""
+
+    model: ToyModel
+    data: Tensor
+    losses: np.ndarray
+    train_seconds: float
+    represented: Tensor
+
+    @property
+    def count(self) -> int:
+        """How many features are represented."""
+        return int(self.represented.sum())
+
+    @property
+    def n_params(self) -> int:
+        """P = m*n + n, the parameters the kernel is taken over (W and b)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def train_tms(
+    n_hidden: int,
+    sparsity: float,
+    *,
+    seed: int = 0,
+    n_features: int = 50,
+    n_points: int = 500,
+    decay: float = 0.8,
+    epochs: int = 5000,
+    lr: float = 1e-3,
+    threshold: float = 0.75,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> TMSRun:
+    """The paper's v1-v3 recipe for one model: one fixed data set, one model, full-batch Adam.
+
+    :func:`tms_data` and :class:`ToyModel` both seeded with ``seed``, trained by
+    :func:`train_toy_model` on the importances :func:`feature_importance` ``(n_features,
+    decay)``; ``threshold`` as in :func:`represented_features`. The defaults are the paper's.
+    """
+    data = tms_data(n_points, n_features, sparsity, seed=seed).to(device)
+    model = ToyModel(n_features, n_hidden, seed=seed).to(device)
+    start = time.perf_counter()
+    losses = train_toy_model(model, data, feature_importance(n_features, decay), epochs=epochs,
+                             lr=lr, progress=progress)
+    return TMSRun(model.eval(), data, losses, time.perf_counter() - start,
+                  represented_features(model.W, threshold).cpu())
+
+
 def represented_features(W: Tensor, threshold: float = 0.75) -> Tensor:
     """``(n,)`` bool: features with ``(W^T W)_ii = ||W[:, i]||**2 >= threshold``."""
     return (W.detach() ** 2).sum(dim=0) >= threshold
@@ -190,6 +246,49 @@ def mode_features(vectors: Tensor | np.ndarray, n_outputs: int) -> ModeFeatures:
     """:class:`ModeFeatures` of eigenvectors ``(N*C, k)`` (rows ``n*C + c``), C = n_outputs."""
     share, feature = output_mass(vectors, n_outputs).max(dim=1)
     return ModeFeatures(feature, share)
+
+
+def indicator_mass(vectors: Tensor | np.ndarray, data: Tensor) -> Tensor:
+    """``(k, C)``: the share of each mode's squared norm on output i where feature i is present.
+
+    Args:
+        vectors: ``(N*C, k)`` eigenvectors of a full TMS kernel, rows ``n*C + c``.
+        data: ``(N, C)`` the kernel's inputs; feature i is present at point n when
+            ``data[n, i] > 0``.
+
+    Returns:
+        float64; entry [j, i] = sum over n with ``data[n, i] > 0`` of ``v_j[n*C + i]**2 /
+        ||v_j||**2``. A row sums to at most 1 (to 1 when the mode lives where features are).
+    """
+    n, c = data.shape
+    v = as_tensor(vectors, torch.float64, "cpu")
+    if v.ndim != 2 or v.shape[0] != n * c:
+        raise ValueError(f"vectors must be (N*C, k) = ({n * c}, k) for data of shape "
+                         f"{tuple(data.shape)}; got {tuple(v.shape)}")
+    squares = v.reshape(n, c, -1) ** 2
+    present = (data.detach().cpu() > 0).double()[:, :, None]
+    return ((squares * present).sum(0) / squares.sum((0, 1)).clamp_min(1e-300)).T
+
+
+def ablation_target(modes: ModeFeatures, tracked: Tensor, min_share: float = 0.5
+                    ) -> tuple[int, Tensor]:
+    """The feature a causal check removes, and the modes that carry it, chosen by the eNTK.
+
+    The feature is the dominant output of the first (largest-eigenvalue) mode with at least
+    ``min_share`` of its mass on one output, among outputs that ``tracked`` ``(C,)`` bool
+    marks (e.g. :meth:`FeatureCoverage.tracked`). Its modes are every mode with at least
+    ``min_share`` on it.
+
+    Returns:
+        ``(feature, mode indices (m,) long)``.
+    """
+    eligible = torch.nonzero((modes.share >= min_share) & tracked[modes.feature]).flatten()
+    if eligible.numel() == 0:
+        raise ValueError(f"no mode has {min_share:.0%} of its mass on one tracked output: "
+                         "lower min_share or pass more modes")
+    feature = int(modes.feature[eligible[0]])
+    return feature, torch.nonzero((modes.feature == feature)
+                                  & (modes.share >= min_share)).flatten()
 
 
 @dataclass
