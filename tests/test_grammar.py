@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from entk_helpers.experiments import grammar
@@ -114,3 +115,17 @@ def test_build_dataset_reads_its_cache_without_the_model(tmp_path):
                               model_source="m", cache_folder=tmp_path, nlp=nlp)
     with pytest.raises(ValueError, match="n_per_class"):
         grammar.build_dataset(None, None, stories, n_per_class=0, cache_folder=tmp_path, nlp=nlp)
+
+
+def test_top_windows_orders_by_signed_score_and_lists_morphology():
+    data = _toy_dataset()
+    n = len(data.pos)
+    scores = np.arange(n, dtype=float)
+    rows = grammar.top_windows(data, scores, n=2)
+    assert [r["score"] for r in rows] == [n - 1, n - 2]
+    assert rows[0]["next word"] == data.words[n - 1] and rows[0]["POS"] == data.pos[n - 1]
+    morph = [lab for lab in data.labels if lab not in grammar.UPOS_CLASSES]
+    assert rows[0]["morphology"] == ", ".join(m for m in morph if data.labels[m][n - 1])
+    assert grammar.top_windows(data, scores, n=1, sign=-1)[0]["score"] == 0.0
+    with pytest.raises(ValueError, match="one column"):
+        grammar.top_windows(data, np.zeros((n, 2)))

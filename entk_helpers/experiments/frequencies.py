@@ -38,6 +38,7 @@ import torch
 from scipy.ndimage import gaussian_filter1d
 from torch import Tensor
 
+from .._arrays import as_tensor
 from ..features import fourier_family, orthonormal_basis, subspace_overlap
 from .modular import OneLayerTransformer, modular_addition_data, with_equals_token
 
@@ -60,7 +61,7 @@ def embedding_fourier_power(W_E: Tensor | np.ndarray, p: int) -> np.ndarray:
         ``((p-1)//2,)`` float64: entry ``k-1`` is ``mean_d |sum_a W_E[a, d] e^{-2 pi i k a/p}|^2``
         for ``k = 1 .. (p-1)/2`` (frequency p-k carries the same power and is not repeated).
     """
-    w = np.asarray(torch.as_tensor(W_E).detach().cpu().double())
+    w = as_tensor(W_E, torch.float64, "cpu").numpy()
     if w.ndim != 2 or w.shape[0] < p:
         raise ValueError(f"W_E must be (vocab >= p, d_model); got shape {w.shape} for p={p}")
     spectrum = np.fft.fft(w[:p], axis=0)  # (p, d_model)
@@ -83,7 +84,7 @@ def neuron_fourier_shares(hidden: Tensor | np.ndarray, p: int) -> tuple[np.ndarr
         ``shares`` ``(n_neurons, (p-1)//2)``: fraction of the neuron's variance at each k
         (rows sum to at most 1), and ``variance`` ``(n_neurons,)``: each neuron's variance.
     """
-    h = np.asarray(torch.as_tensor(hidden).detach().cpu().double())
+    h = as_tensor(hidden, torch.float64, "cpu").numpy()
     if h.ndim != 2 or h.shape[0] != p * p:
         raise ValueError(f"hidden must be (p*p, n_neurons) = ({p * p}, n); got {h.shape}")
     grid = h.T.reshape(-1, p, p)
@@ -148,7 +149,7 @@ def key_frequencies(
     """
     if rule not in RULES:
         raise ValueError(f"rule={rule!r}; choose one of {RULES}")
-    values = np.asarray(torch.as_tensor(power).detach().cpu().double())
+    values = as_tensor(power, torch.float64, "cpu").numpy()
     if values.ndim != 1 or values.size < 3 or np.any(values < 0):
         raise ValueError("power must be a 1-D non-negative profile over at least 3 frequencies")
     logs = np.log(np.maximum(values, 1e-300 + values.max() * 1e-12))
@@ -346,7 +347,7 @@ def frequencies_holding(power: Tensor | np.ndarray, share: float = 0.9) -> int:
     ``power``: ``(F,)`` non-negative (e.g. :func:`embedding_fourier_power`). A network that
     uses a few frequencies needs few; one that spreads its power needs most of F.
     """
-    values = np.asarray(torch.as_tensor(power).detach().cpu().double())
+    values = as_tensor(power, torch.float64, "cpu").numpy()
     if values.ndim != 1 or values.size == 0 or np.any(values < 0) or values.sum() <= 0:
         raise ValueError("power must be a 1-D non-negative profile with a positive total")
     if not 0 < share <= 1:
@@ -370,7 +371,7 @@ def family_power(outputs: Tensor | np.ndarray, p: int, kind: str = "sum") -> np.
     """
     if kind not in ("a", "b", "sum", "diff"):
         raise ValueError(f"kind={kind!r}; choose 'a', 'b', 'sum' or 'diff'")
-    y = torch.as_tensor(outputs).detach().double().cpu()
+    y = as_tensor(outputs, torch.float64, "cpu")
     if y.ndim != 2 or y.shape[0] != p * p:
         raise ValueError(f"outputs must be (p*p, C) = ({p * p}, C); got {tuple(y.shape)}")
     bases = torch.stack([orthonormal_basis(fourier_family(p, kind, [k]), center=True)

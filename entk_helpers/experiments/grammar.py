@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._arrays import as_tensor
 from ..files import save_arrays, save_json
 from ..progress import progress_bar
 
@@ -124,6 +125,27 @@ class GrammarDataset:
     contexts: list[str]
     labels: dict[str, np.ndarray]
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def top_windows(data: GrammarDataset, scores: np.ndarray | Tensor, *, n: int = 8, sign: int = 1,
+                last_words: int = 8) -> list[dict[str, Any]]:
+    """The ``n`` windows with the highest ``sign * scores``, with what they predict.
+
+    ``scores`` (N,): one direction's per-example scores. Each row: the score, the context's
+    last ``last_words`` words, the next (target) word, its POS and its morphology labels.
+    """
+    s = sign * as_tensor(scores, torch.float64, "cpu").numpy().reshape(-1)
+    if s.shape[0] != len(data.pos):
+        raise ValueError(f"scores has {s.shape[0]} entries for a dataset of {len(data.pos)} "
+                         "windows; pass one column of the (N, k) scores")
+    if sign not in (1, -1):
+        raise ValueError(f"sign={sign!r}; pass 1 or -1")
+    morphology = [label for label in data.labels if label not in UPOS_CLASSES]
+    return [{"score": round(float(s[i]), 3),
+             "context (last words)": "..." + " ".join(data.contexts[i].split()[-last_words:]),
+             "next word": data.words[i], "POS": data.pos[i],
+             "morphology": ", ".join(m for m in morphology if data.labels[m][i])}
+            for i in np.argsort(-s, kind="stable")[:n]]
 
 
 def _candidates(

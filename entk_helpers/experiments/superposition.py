@@ -204,7 +204,7 @@ def output_weighted(operator: LinearOperator, weights: Tensor | np.ndarray) -> L
         operator: e.g. ``ntk_operator(model, x, output="full")``, rows ``n*C + c``.
         weights: ``(C,)`` nonnegative per-output weights (the TMS importances).
     """
-    w = np.asarray(torch.as_tensor(weights).detach().cpu().double())
+    w = as_tensor(weights, torch.float64, "cpu").numpy()
     dim = operator.shape[0]
     if w.ndim != 1 or dim % w.size or (w < 0).any():
         raise ValueError(f"weights must be (C,) nonnegative with C dividing the operator's "

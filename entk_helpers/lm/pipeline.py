@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._arrays import as_tensor
 from ..eigen import top_eigenpairs
 from ..experiments.baselines import pca_directions
 from ..progress import progress_bar
@@ -124,7 +125,7 @@ def top_contexts(tokenizer: Any, input_ids: Tensor, scores: np.ndarray | Tensor,
     direction is oriented to make its largest-magnitude score positive. Each entry shows the
     last ``context`` tokens with the final (scored) token in brackets.
     """
-    s = np.asarray(torch.as_tensor(scores).detach().cpu(), dtype=np.float64).reshape(-1)
+    s = as_tensor(scores, torch.float64, "cpu").numpy().reshape(-1)
     if s.shape[0] != input_ids.shape[0]:
         raise ValueError(f"{s.shape[0]} scores for {input_ids.shape[0]} windows")
     s = s * np.sign(s[np.argmax(np.abs(s))] or 1.0)
