@@ -11,7 +11,9 @@ same products everywhere, so every rank ends with the same eigenpairs.
 :class:`ShardedProduct` does this for any pair of per-shard callables (``pull``: slice ->
 parameter-space tensor(s) summed over the shard, ``push``: parameter-space tensor(s) ->
 slice); :func:`build_on_every_rank` makes a failure during set-up on one rank an error on
-every rank instead of a hang. ``torch.distributed`` is imported only here, and only when a
+every rank instead of a hang. :func:`entk_helpers.ntk_operator` and
+:func:`entk_helpers.lm.layer_ntk_operator` (windows sharded; the parameter-space tensor is the
+weight gradient) use them. ``torch.distributed`` is imported only here, and only when a
 process group is given: single-process users never load it.
 
     >>> import torch.distributed as dist
@@ -190,6 +192,11 @@ class ShardedProduct:
             self._check_replicated(vectors)
         summed = self.all_reduce(pull(vectors[self.local]))
         return self.gather(push(summed))
+
+    def smallest(self, value: int) -> int:
+        """The smallest of the ranks' ``value`` (a column count each rank's memory budget
+        allows), so that every rank runs the same number of products."""
+        return min(exchange(self.group, int(value)))
 
     def all_reduce(self, value: ParamVector) -> ParamVector:
         """Sum over ranks, in place; a dict's tensors in buckets of ``BUCKET_BYTES``."""

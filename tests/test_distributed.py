@@ -1,8 +1,9 @@
-"""``ntk_operator(..., process_group=...)`` on two CPU processes (gloo, loopback only).
+"""``ntk_operator`` and ``lm.layer_ntk_operator`` with ``process_group=`` on two CPU
+processes (gloo, loopback only).
 
 Two ranks run ``tests/distributed_worker.py`` once for the whole module (they write what they
 computed to files); each test compares it with the single-process operator over the same
-examples and with the brute-force kernel, in float64.
+examples (and, for ``ntk_operator``, with the brute-force kernel), in float64.
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from distributed_worker import CONFIGS, DEFAULT_SOLVER, cases, eigenpairs, probe_vectors
+from distributed_worker import (
+    CONFIGS,
+    DEFAULT_SOLVER,
+    HAS_TRANSFORMERS,
+    LM_CONFIGS,
+    cases,
+    eigenpairs,
+    lm_case,
+    lm_eigenpairs,
+    lm_operator,
+    probe_vectors,
+)
 from ntk_references import brute_force_ntk, reduce_kernel, rel_err
 
 from entk_helpers import ntk_operator
@@ -126,6 +138,40 @@ def test_eigenpairs_match_and_are_the_same_on_every_rank(ranks, references, key)
             assert other.n_matvecs == first.n_matvecs > 0
 
 
+@pytest.fixture(scope="module")
+def lm_references() -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The single-process layer eNTK over all windows and its fixed-step Lanczos."""
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed")
+    refs = {}
+    for key in LM_CONFIGS:
+        op = lm_operator(key, *lm_case(key[0], key[2]))
+        refs[key] = {"op": op, "fixed": lm_eigenpairs(op)}
+    return refs
+
+
+@pytest.mark.parametrize("key", LM_CONFIGS, ids=["-".join(key) for key in LM_CONFIGS])
+def test_sharded_layer_entk_matches_the_single_process_operator(ranks, lm_references, key
+                                                                ) -> None:
+    """Windows sharded [3, 2]: products and top eigenpairs as over all windows in one
+    process, on both routes, the same bits on both ranks."""
+    op, ref = lm_references[key]["op"], lm_references[key]["fixed"]
+    first = ranks[0]["lm"][key]
+    assert op.route == key[2] and op.shards is None
+    assert first["shape"] == op.shape and first["sizes"] == [3, 2]
+    assert [rank["lm"][key]["local"] for rank in ranks] == first["sizes"]
+    _, block = probe_vectors(op.shape[0])
+    expected = op @ block
+    for rank in ranks:
+        mine = rank["lm"][key]
+        assert mine["route"] == key[2]
+        assert rel_err(mine["matmat"], expected) <= 1e-10
+        assert rel_err(mine["fixed"].values, ref.values) <= 1e-10
+        assert np.array_equal(mine["matmat"], first["matmat"])
+        assert torch.equal(mine["fixed"].vectors, first["fixed"].vectors)
+        assert mine["n_matvecs"] == first["n_matvecs"] == 3 + 12
+
+
 EXPECTED_ERRORS = {
     # scenario: (what rank 0 sees, what rank 1 sees)
     "model fails on one rank": ("ShardError: set-up failed on 1 of 2 ranks (rank 1: RuntimeError",
@@ -141,6 +187,13 @@ EXPECTED_ERRORS = {
                           "ShardError: rank 1's block differs from that of ranks [0]"),
     "after the errors": ("no error",) * 2,
 }
+LM_ERRORS = {
+    "LM: another weight": ("ShardError: the ranks disagree on weight=",) * 2,
+    "LM: bad input_ids": ("ShardError: set-up failed on 1 of 2 ranks (rank 1: ValueError: "
+                          "input_ids must be an (N, T) tensor", "ValueError: input_ids must be"),
+}
+if HAS_TRANSFORMERS:
+    EXPECTED_ERRORS.update(LM_ERRORS)
 
 
 @pytest.mark.parametrize("scenario", list(EXPECTED_ERRORS))

@@ -19,12 +19,19 @@ Memory: what the tail keeps grows with N, T and the blocks above the weight. Its
 measured on one window (:func:`tail_memory`) and kept only when they fit the memory budget
 (:mod:`entk_helpers.budget`); otherwise they are rebuilt in every product, in chunks of
 windows that fit. Float compute is the model's dtype. Logit softcapping is refused.
+
+Sharded (``process_group=``): each rank holds its own contiguous shard of the windows (rank
+order), the operator has the shape of all of them, and a product is this rank's pullback of its
+slice to the weight-space gradients ``g`` (B, out, in), one all-reduce of ``g``, the
+pushforward of the sum to this rank's windows and one all-gather
+(:class:`entk_helpers.distributed.ShardedProduct`); on the structured route the pull is
+``g = sum_n (G_n^T v_n) a_n^T`` and the push ``G_n g a_n``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +41,9 @@ from ..kernel_operator import KernelOperator
 from .model import check_eager, locate_weight
 from .prefix import Prefix, capture_prefix
 from .tail import Tail
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 OUTPUTS = ("hidden", "logits")
 
@@ -174,7 +184,9 @@ class LayerNTKOperator(KernelOperator):
     :meth:`matmat_torch`; :meth:`kr_matmat` applies ``K_r`` to ``(N, d, B)`` tensors in the
     model's dtype. ``route``: "structured" or "tail"; ``plan``: for the tail route what is
     kept ({"vjp": "stored" | "recomputed", "jvp": "stored" | "rebuilt" | "recomputed",
-    "chunk_size": windows per chunk}), for the structured route {}.
+    "chunk_size": windows per chunk}), for the structured route {}. ``n``: windows (of all
+    ranks), ``n_local``: this rank's; ``shards``: the
+    :class:`~entk_helpers.distributed.ShardedProduct` of a sharded operator, else None.
 
     Args:
         output: "hidden" (``K_r``) or "logits" (``K~``; ``s_half`` = ``S^(1/2)`` (d, d) can be
@@ -183,6 +195,11 @@ class LayerNTKOperator(KernelOperator):
         store_vjp, store_jvp: keep the tail's VJP graph / its JVP's graph for every product
             (``None``: when they fit the budget; :func:`tail_memory`).
         last_position: the last block's last-position shortcut (:class:`Tail`).
+        process_group: a ``torch.distributed`` group: ``prefix`` holds this rank's contiguous
+            shard of the windows (rank order), ``V`` and the results are those of all windows,
+            the same on every rank (the module docstring). A collective: every rank builds it
+            and applies it to the same vectors; :func:`layer_ntk_operator` also turns a
+            set-up error on one rank into an error on all.
     Raises:
         MemoryBudgetError: when even one window's rebuild does not fit.
     """
@@ -191,6 +208,7 @@ class LayerNTKOperator(KernelOperator):
         self, model: nn.Module, prefix: Prefix, *, output: str = "hidden",
         s_half: Tensor | None = None, chunk_size: int = 64, store_vjp: bool | None = None,
         store_jvp: bool | None = None, last_position: bool | None = None,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r}; choose one of {OUTPUTS}")
@@ -200,8 +218,8 @@ class LayerNTKOperator(KernelOperator):
         site = locate_weight(model, prefix.weight)
         tail = Tail(model, prefix, last_position=last_position)
         N, T, d = prefix.hidden_in.shape
-        super().__init__(N * d)
-        self.n, self.d, self.layer, self.weight, self.output = N, d, site.layer, site.name, output
+        self.n = self.n_local = N
+        self.d, self.layer, self.weight, self.output = d, site.layer, site.name, output
         self.device = prefix.hidden_in.device
         self.compute_dtype = prefix.hidden_in.dtype
         self.s_half = None if output == "hidden" else (
@@ -216,17 +234,40 @@ class LayerNTKOperator(KernelOperator):
         x, ref = prefix.hidden_in, prefix.hidden_last
         chunk_size = min(chunk_size, N)
         g_bytes = N * d * o.shape[-1] * o.element_size()
+        sharded = process_group is not None
         if P == 1 and g_bytes + N * N * 8 <= get_memory_budget(self.device):
             self.route, self.plan = "structured", {}
-            self._apply = self._structured(tail, o, x, ref, chunk_size)
+            self._pull, self._push, self._apply = self._structured(
+                tail, o, x, ref, chunk_size, sharded)
         else:
             self.route = "tail"
-            self._apply = self._tail(model, prefix, tail, o, chunk_size, store_vjp, store_jvp)
+            self._pull, self._push = self._tail(model, prefix, tail, o, chunk_size, store_vjp,
+                                                store_jvp)
+            self._apply = lambda V: self._push(self._pull(V))
+        self.shards = None
+        if sharded:
+            from ..distributed import ShardedProduct, parameter_fingerprint
 
-    def _structured(self, tail: Tail, o: Tensor, x: Tensor, ref: Tensor, chunk_size: int
-                    ) -> Callable[[Tensor], Tensor]:
-        """``G_n = dh_n / do_n`` (N, d, out) by VJPs of the basis vectors, chunked in memory."""
-        N, d = self.n, self.d
+            facts = {"weight=": self.weight, "its block": self.layer, "output=": output,
+                     "the hidden size d": d, "the window length T": T,
+                     "the dtype": str(self.compute_dtype),
+                     "the weight's shape": tuple(site.module.weight.shape),
+                     "the weight's values (sum, sum of squares)": parameter_fingerprint(
+                         {self.weight: site.module.weight.detach()})}
+            if self.s_half is not None:
+                facts["S^(1/2) (sum, sum of squares)"] = parameter_fingerprint(
+                    {"s_half": self.s_half})
+            self.shards = ShardedProduct(process_group, N, facts=facts)
+            self.n = self.shards.n_total
+        super().__init__(self.n * d)
+
+    def _structured(self, tail: Tail, o: Tensor, x: Tensor, ref: Tensor, chunk_size: int,
+                    sharded: bool) -> tuple[Callable[[Tensor], Tensor], ...]:
+        """(pull, push, apply) from ``G_n = dh_n / do_n`` (N, d, out), by VJPs of the basis
+        vectors, chunked in memory. ``apply`` (one process) contracts through the window Gram
+        ``A = a a^T`` (N, N); pull ``(N, d, B) -> g (B, out, in)`` and push ``g -> (N, d, B)``
+        go through weight space (sharded: ``A`` is not formed)."""
+        N, d = self.n_local, self.d
         T = x.shape[1]
         # a backward of one basis vector through one window carries (T, d) buffers
         per = 4 * T * d * o.element_size()
@@ -241,6 +282,17 @@ class LayerNTKOperator(KernelOperator):
             (rows,) = torch.func.vmap(vjp_fn, chunk_size=basis_chunk)(basis)  # (d, c, 1, out)
             G[c] = rows[:, :, 0].transpose(0, 1)
         a_last = self._flat  # (N, in): one position per window
+
+        def pull(V: Tensor) -> Tensor:
+            Z = torch.einsum("nio,nib->nob", G, V)
+            return torch.einsum("nob,na->boa", Z, a_last).contiguous()
+
+        def push(g: Tensor) -> Tensor:
+            Z = torch.einsum("boa,na->nob", g, a_last)
+            return torch.einsum("nio,nob->nib", G, Z)
+
+        if sharded:
+            return pull, push, lambda V: push(pull(V))
         A = a_last @ a_last.T
 
         def apply(V: Tensor) -> Tensor:
@@ -248,12 +300,15 @@ class LayerNTKOperator(KernelOperator):
             Z = torch.einsum("nm,mob->nob", A, Z)
             return torch.einsum("nio,nob->nib", G, Z)
 
-        return apply
+        return pull, push, apply
 
     def _tail(self, model: nn.Module, prefix: Prefix, tail: Tail, o: Tensor, chunk_size: int,
-              store_vjp: bool | None, store_jvp: bool | None) -> Callable[[Tensor], Tensor]:
-        """VJP and transposed-VJP products through the tail, kept or rebuilt per the plan."""
-        N, d, P, flat = self.n, self.d, self._positions, self._flat
+              store_vjp: bool | None, store_jvp: bool | None
+              ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """(pull, push): VJP and transposed-VJP products through the tail, kept or rebuilt per
+        the plan. pull ``(N, d, B) -> g (B, out, in)``, the weight gradients; push ``g ->
+        (N, d, B)``."""
+        N, d, P, flat = self.n_local, self.d, self._positions, self._flat
         x, ref = prefix.hidden_in, prefix.hidden_last
         store_vjp, store_jvp, chunk_size = _plan_tail(
             tail_memory(model, prefix, tail), N, chunk_size, store_vjp, store_jvp, self.layer,
@@ -291,17 +346,19 @@ class LayerNTKOperator(KernelOperator):
                 return _transpose(vjps[i], cotangent[: c.stop - c.start])
             return lambda t: torch.func.jvp(tail_of(c), (o[c],), (t,))[1]
 
-        def apply(V: Tensor) -> Tensor:
+        def pull(V: Tensor) -> Tensor:
             Vb = V.movedim(-1, 0)  # (B, N, d): the B products share each pass through the tail
             B = Vb.shape[0]
             go = torch.cat([torch.func.vmap(pullback(i))(Vb[:, c])[0]
                             for i, c in enumerate(chunks)], 1)  # (B, N, P, out)
-            g = go.reshape(B, N * P, -1).transpose(1, 2) @ flat  # weight gradients (B, out, in)
-            do = (g @ flat.T).transpose(1, 2).reshape(B, N, P, -1)
+            return go.reshape(B, N * P, -1).transpose(1, 2) @ flat  # weight gradients
+
+        def push(g: Tensor) -> Tensor:
+            do = (g @ flat.T).transpose(1, 2).reshape(g.shape[0], N, P, -1)
             out = [torch.func.vmap(pushforward(i))(do[:, c]) for i, c in enumerate(chunks)]
             return torch.cat(out, 1).movedim(0, -1)
 
-        return apply
+        return pull, push
 
     @property
     def memory_plan(self) -> str:
@@ -312,17 +369,27 @@ class LayerNTKOperator(KernelOperator):
                 f"{self.plan['chunk_size']} windows per chunk")
 
     def kr_matmat(self, V: Tensor) -> Tensor:
-        """``K_r V`` for V (N, d, B) (or (N, d)), in the model's dtype."""
+        """``K_r V`` for V (N, d, B) (or (N, d)), in the model's dtype (sharded: all N windows,
+        the same V on every rank, the same result returned on every rank)."""
         squeeze = V.ndim == 2
         V = V[..., None] if squeeze else V
         if V.shape[:2] != (self.n, self.d):
             raise ValueError(f"expected ({self.n}, {self.d}, B), got {tuple(V.shape)}")
         V = V.to(self.device, self.compute_dtype)
         # columns per pass: the tail's cotangents and tangents, (N, P, out) each, per column
-        per_column = 4 * self.n * self._positions * max(self._out, self._flat.shape[1], self.d)
+        per_column = 4 * self.n_local * self._positions * max(self._out, self._flat.shape[1],
+                                                              self.d)
         cols = max(1, get_memory_budget(self.device) // 4 // (per_column * V.element_size()))
+        if self.shards is None:
+            apply = self._apply
+        else:  # every rank runs the same passes (the collectives in each)
+            cols = self.shards.smallest(cols)
+
+            def apply(block: Tensor) -> Tensor:
+                return self.shards.matmat(block, self._pull, self._push)
+
         with torch.no_grad():
-            out = torch.cat([self._apply(V[..., s : s + cols])
+            out = torch.cat([apply(V[..., s : s + cols])
                              for s in range(0, V.shape[-1], cols)], -1)
         self._count(V.shape[-1])
         return out[..., 0] if squeeze else out
@@ -346,6 +413,7 @@ def layer_ntk_operator(
     model: nn.Module, input_ids: Tensor, *, weight: str, output: str = "hidden",
     s_half: Tensor | None = None, chunk_size: int = 64, store_vjp: bool | None = None,
     store_jvp: bool | None = None, last_position: bool | None = None,
+    process_group: ProcessGroup | None = None,
 ) -> LayerNTKOperator:
     """The eNTK of one weight of a causal LM over ``input_ids`` (N, T), matrix-free.
 
@@ -356,11 +424,30 @@ def layer_ntk_operator(
     logits. Other arguments: :class:`LayerNTKOperator`. Load the model with
     ``attn_implementation="eager"``.
 
+    ``process_group``: a ``torch.distributed`` group (``dist.group.WORLD``): ``input_ids`` is
+    then this rank's contiguous shard of the windows, in rank order
+    (:func:`entk_helpers.distributed.shard_slice`), the operator has the shape of all of them
+    and its products take and return whole vectors, the same on every rank (one all-reduce of
+    the (B, out, in) weight gradients and one all-gather per block of B vectors), so
+    ``top_eigenpairs`` with the same seed gives the same eigenpairs on every rank. Every rank
+    must build it (a collective) with the same model, weight and output; a set-up error on
+    one rank is raised on all.
+
     Example:
         >>> op = layer_ntk_operator(model, ids, weight="model.layers.16.mlp.down_proj.weight",
         ...                         output="logits")
         >>> top = top_eigenpairs(op, k=25, method="lanczos", max_steps=50)
     """
-    prefix = capture_prefix(model, input_ids, [weight], chunk_size=chunk_size)[weight]
-    return LayerNTKOperator(model, prefix, output=output, s_half=s_half, chunk_size=chunk_size,
-                            store_vjp=store_vjp, store_jvp=store_jvp, last_position=last_position)
+
+    def build() -> LayerNTKOperator:
+        prefix = capture_prefix(model, input_ids, [weight], chunk_size=chunk_size)[weight]
+        return LayerNTKOperator(
+            model, prefix, output=output, s_half=s_half, chunk_size=chunk_size,
+            store_vjp=store_vjp, store_jvp=store_jvp, last_position=last_position,
+            process_group=process_group)
+
+    if process_group is None:
+        return build()
+    from ..distributed import build_on_every_rank
+
+    return build_on_every_rank(process_group, build)
