@@ -16,7 +16,11 @@ the paper (after Gromov 2023 and Nanda et al. 2023):
 
 :func:`train` runs either (full batch or mini-batch AdamW), records accuracy and loss each
 epoch, keeps parameter snapshots every few epochs for eNTKs over training, and can
-checkpoint to disk and resume.
+checkpoint to disk and resume. Each model's recipe has one source, :class:`MLPRecipe` and
+:class:`TransformerRecipe` (defaults: the paper's; :func:`paper_mlp_recipe`,
+:func:`paper_transformer_recipe` vary only the scale): :func:`train_recipe` trains it,
+:func:`train_or_load` reuses a model saved with the very same recipe (every field and the
+file format, :func:`recipe_key`) and trains otherwise.
 """
 
 from __future__ import annotations
