@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import random
 from pathlib import Path
@@ -14,17 +15,28 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from entk_helpers import empirical_ntk
 from entk_helpers.experiments.modular import (
+    MLPRecipe,
     ModularMLP,
     OneLayerTransformer,
+    TransformerRecipe,
     load_trained,
     mlp_trace_ntk,
     modular_addition_data,
+    paper_mlp,
+    paper_mlp_recipe,
     paper_transformer_recipe,
     paper_transformer_split,
     save_trained,
+    spectra_over_training,
+    top_spectrum,
+    trace_ntk_spectrum,
     train,
+    train_or_load,
     train_paper_transformer,
+    train_recipe,
     train_test_split,
+    transition_window,
+    untrained_model,
     with_equals_token,
 )
 
@@ -261,15 +273,18 @@ def test_a_finished_checkpoint_is_read_back_and_other_settings_are_refused(
         train_mlp(3, checkpoint=path)
 
 
-def test_save_and_load_trained_check_the_description(tmp_path: Path) -> None:
+def test_save_and_load_trained_check_the_recipe(tmp_path: Path) -> None:
+    recipe = MLPRecipe(p=P, width=8, seed=0)
     model = ModularMLP(P, width=8)
-    path = save_trained(tmp_path / "mlp.pt", model, p=P, seed=0)
+    path = save_trained(tmp_path / "mlp.pt", model, recipe)
     fresh = ModularMLP(P, width=8)
-    assert not load_trained(tmp_path / "missing.pt", fresh)
-    assert not load_trained(path, fresh, p=P, seed=1)
+    assert not load_trained(tmp_path / "missing.pt", fresh, recipe)
+    assert not load_trained(path, fresh, MLPRecipe(p=P, width=8, seed=1))
     assert not torch.equal(fresh.layer1.weight, model.layer1.weight)
-    assert load_trained(path, fresh, p=P, seed=0)
+    assert load_trained(path, fresh, recipe)
     assert torch.equal(fresh.layer1.weight, model.layer1.weight)
+    with pytest.raises(TypeError, match="MLPRecipe"):
+        load_trained(path, fresh, {"p": P})
 
 
 # --- the author's transformer recipe, written here from the facts of the released notebook
@@ -418,7 +433,7 @@ def test_train_paper_transformer_follows_the_authors_loop() -> None:
         assert not torch.allclose(value, initial[name], atol=1e-6), name
     assert run.history["epoch"].tolist() == [0, 3]
     recipe = paper_transformer_recipe(2, epochs=3)
-    assert recipe["seed"] == 2 and recipe["epochs"] == 3 and recipe["lr"] == 3e-4
+    assert recipe.seed == 2 and recipe.epochs == 3 and recipe.lr == 3e-4
 
 
 class _RunsCode:
@@ -435,10 +450,10 @@ def test_load_trained_and_checkpoints_refuse_a_pickle_payload(tmp_path: Path) ->
     marker = tmp_path / "code_ran"
     model = ModularMLP(P, width=8)
     bad = tmp_path / "model.pt"
-    torch.save({"state_dict": model.state_dict(), "info": {"p": P}, "format": 2,
+    torch.save({"state_dict": model.state_dict(), "info": {"p": P}, "format": 3,
                 "payload": _RunsCode(marker)}, bad)
     with pytest.raises(pickle.UnpicklingError):
-        load_trained(bad, model, p=P)
+        load_trained(bad, model, MLPRecipe(p=P, width=8))
     assert not marker.exists()
     checkpoint = tmp_path / "run.pt"
     torch.save({"payload": _RunsCode(marker)}, checkpoint)
@@ -449,21 +464,96 @@ def test_load_trained_and_checkpoints_refuse_a_pickle_payload(tmp_path: Path) ->
     assert marker.exists()
 
 
-def test_load_trained_needs_the_whole_recipe(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change", [
+    {"p": 5}, {"seed": 1}, {"epochs": 6}, {"width": 16}, {"train_fraction": 0.5},
+    {"draws_on": "meta"}, {"init": "xavier"}, {"optimizer": "SGD"}, {"lr": 0.01},
+    {"weight_decay": 0.0}, {"betas": (0.9, 0.99)}, {"loss": "cross_entropy"},
+    {"batch_size": 32}, {"batch_order": "dataloader"}])
+def test_a_saved_mlp_with_one_setting_changed_is_not_reused(tmp_path: Path,
+                                                            change: dict) -> None:
+    recipe = MLPRecipe(p=P, width=8, seed=0, epochs=5)
     model = ModularMLP(P, width=8)
-    recipe = {"p": P, "seed": 0, "epochs": 5, "lr": 0.05, "betas": (0.9, 0.999)}
-    path = save_trained(tmp_path / "mlp.pt", model, **recipe)
+    path = save_trained(tmp_path / "mlp.pt", model, recipe)
     fresh = ModularMLP(P, width=8)
-    assert not load_trained(path, fresh, p=P, seed=0, epochs=5)           # fewer settings
-    assert not load_trained(path, fresh, **recipe, weight_decay=0.01)     # more settings
-    assert not load_trained(path, fresh, **{**recipe, "lr": 0.01})        # another value
+    assert not load_trained(path, fresh, dataclasses.replace(recipe, **change))
     assert not torch.equal(fresh.layer1.weight, model.layer1.weight)
-    assert load_trained(path, fresh, **recipe)
+    assert load_trained(path, fresh, recipe)                               # the same: reused
     assert torch.equal(fresh.layer1.weight, model.layer1.weight)
-    # a file from before the recipe was recorded this way (no format number) is not reused
-    old = tmp_path / "old.pt"
-    torch.save({"state_dict": model.state_dict(), "info": recipe}, old)
-    assert not load_trained(old, ModularMLP(P, width=8), **recipe)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TransformerRecipe)])
+def test_a_saved_transformer_with_one_setting_changed_is_not_reused(tmp_path: Path,
+                                                                    name: str) -> None:
+    recipe = paper_transformer_recipe(2, 4000, 29)
+    model = OneLayerTransformer(29)
+    path = save_trained(tmp_path / "tf.pt", model, recipe)
+    value = getattr(recipe, name)
+    other = (value + "_other" if isinstance(value, str) else (0.5, 0.5)
+             if isinstance(value, tuple) else value / 2 if isinstance(value, float) else value + 1)
+    assert not load_trained(path, OneLayerTransformer(29),
+                            dataclasses.replace(recipe, **{name: other}))
+    assert load_trained(path, OneLayerTransformer(29), recipe)
+
+
+def test_an_older_format_is_not_reused(tmp_path: Path) -> None:
+    recipe = MLPRecipe(p=P, width=8)
+    model = ModularMLP(P, width=8)
+    old = tmp_path / "old.pt"   # format 2: the recipe as keyword settings
+    torch.save({"state_dict": model.state_dict(), "info": {"p": P, "seed": 0, "epochs": 500},
+                "format": 2}, old)
+    assert not load_trained(old, ModularMLP(P, width=8), recipe)
+
+
+def test_the_recipes_are_the_papers() -> None:
+    """Known answers: the settings as typed from the paper's Sec. 1 and 2 (reference/paper.md)."""
+    mlp = paper_mlp_recipe()
+    assert (mlp.p, mlp.seed, mlp.width, mlp.train_fraction, mlp.epochs) == (29, 0, 512, 0.7, 500)
+    assert (mlp.optimizer, mlp.lr, mlp.weight_decay, mlp.betas) == ("AdamW", 0.05, 0.01,
+                                                                     (0.9, 0.999))
+    assert (mlp.loss, mlp.batch_size, mlp.draws_on) == ("mse", None, "cpu")   # full batch
+    tf = paper_transformer_recipe()
+    assert (tf.p, tf.seed, tf.d_model, tf.n_heads, tf.d_mlp, tf.n_ctx) == (29, 2, 64, 4, 256, 3)
+    assert (tf.train_fraction, tf.split_seed, tf.epochs, tf.batch_size) == (0.5, 0, 4000, 64)
+    assert (tf.optimizer, tf.lr, tf.weight_decay, tf.betas) == ("AdamW", 3e-4, 1.0, (0.9, 0.999))
+    assert (tf.loss, tf.batch_order, tf.extra_draws_every) == ("cross_entropy", "dataloader", 20)
+    # only the scale moves
+    assert paper_mlp_recipe(3, 100, 31) == dataclasses.replace(mlp, seed=3, epochs=100, p=31)
+    assert paper_transformer_recipe(5, 10, 31) == dataclasses.replace(tf, seed=5, epochs=10, p=31)
+
+
+def test_train_recipe_is_the_mlp_recipe_by_hand() -> None:
+    recipe = MLPRecipe(p=P, width=16, seed=3, epochs=4)
+    model, run = train_recipe(recipe, snapshot_every=2, progress=False)
+    reference, train_idx, test_idx = paper_mlp(P, 3, width=16)
+    pairs, labels = modular_addition_data(P)
+    by_hand = train(reference, pairs, labels, train_idx, test_idx, epochs=4, lr=0.05,
+                    weight_decay=0.01, loss="mse", snapshot_every=2, seed=3, progress=False)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert np.array_equal(run.history["test_acc"], by_hand.history["test_acc"])
+    with pytest.raises(ValueError, match="only init='paper_mlp'"):
+        untrained_model(dataclasses.replace(recipe, init="xavier"))
+
+
+def test_train_or_load_retrains_for_another_recipe(tmp_path: Path) -> None:
+    recipe = MLPRecipe(p=P, width=8, seed=0, epochs=3)
+    path = tmp_path / "mlp.pt"
+    model, run = train_or_load(recipe, path, progress=False)
+    assert run is not None and path.exists()
+    again, none = train_or_load(recipe, path, progress=False)
+    assert none is None and torch.equal(again.layer1.weight, model.layer1.weight)
+    other, retrained = train_or_load(dataclasses.replace(recipe, lr=0.01), path, save=False,
+                                     progress=False)
+    assert retrained is not None and not torch.equal(other.layer1.weight, model.layer1.weight)
+    assert load_trained(path, ModularMLP(P, width=8), recipe)   # save=False kept the file
+
+
+def test_a_checkpoint_of_another_recipe_is_refused(tmp_path: Path) -> None:
+    recipe = MLPRecipe(p=P, width=8, seed=0, epochs=2)
+    train_recipe(recipe, checkpoint=tmp_path / "run.pt", progress=False)
+    with pytest.raises(ValueError, match="recipe"):
+        train_recipe(dataclasses.replace(recipe, width=16), checkpoint=tmp_path / "run.pt",
+                     progress=False)
 
 
 class _PairRecorder(ModularMLP):
@@ -495,16 +585,31 @@ def test_randperm_batch_order_is_unchanged() -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.batches, expected))
 
 
-def test_load_trained_completes_a_transformer_recipe_with_the_papers(tmp_path: Path) -> None:
-    torch.manual_seed(2)
-    model = OneLayerTransformer(29)
-    path = save_trained(tmp_path / "tf.pt", model, **paper_transformer_recipe(2, 4000, 29))
-    assert load_trained(path, OneLayerTransformer(29), p=29, seed=2, epochs=4000)
-    assert not load_trained(path, OneLayerTransformer(29), p=29, seed=3, epochs=4000)
-    assert not load_trained(path, OneLayerTransformer(29), p=29, seed=2, epochs=4000, lr=1e-3)
-    other = save_trained(tmp_path / "other.pt", model,
-                         **{**paper_transformer_recipe(2, 4000, 29), "batch_size": 32})
-    assert not load_trained(other, OneLayerTransformer(29), p=29, seed=2, epochs=4000)
-    # the settings alone, without the paper's for the rest, are another recipe
-    bare = save_trained(tmp_path / "bare.pt", model, p=29, seed=2, epochs=4000)
-    assert not load_trained(bare, OneLayerTransformer(29), p=29, seed=2, epochs=4000)
+def test_spectra_helpers_against_dense_eigh() -> None:
+    model = ModularMLP(P, width=16, generator=torch.Generator().manual_seed(0)).double()
+    pairs, _ = modular_addition_data(P)
+    kernel, values, vectors = trace_ntk_spectrum(model, pairs)
+    dense = np.linalg.eigvalsh(mlp_trace_ntk(model, pairs).numpy())[::-1]
+    assert np.allclose(values.numpy(), dense, rtol=1e-8, atol=1e-12)
+    assert torch.allclose(kernel @ vectors[:, :3], vectors[:, :3] * values[:3], atol=1e-10)
+    for limit in (4096, 1):   # float32 eigh, and the float64 evr route
+        top, top_vectors = top_spectrum(kernel, 5, float32_up_to=limit)
+        assert np.allclose(top.numpy(), dense[:5], rtol=1e-4)
+        assert top_vectors.shape == (P * P, 5)
+
+
+def test_spectra_over_training_and_transition_window() -> None:
+    recipe = MLPRecipe(p=P, width=16, seed=0, epochs=4)
+    model, run = train_recipe(recipe, snapshot_every=2, progress=False)
+    pairs, _ = modular_addition_data(P)
+    epochs, values, vectors = spectra_over_training(run, model, pairs, 3, progress=False)
+    assert epochs.tolist() == [0, 2, 4] and vectors.shape == (3, P * P, 3)
+    probe = ModularMLP(P, width=16)
+    probe.load_state_dict(run.snapshots[2])
+    dense = np.linalg.eigvalsh(mlp_trace_ntk(probe, pairs).numpy())[::-1][:3]
+    assert np.allclose(values[1].numpy(), dense, rtol=1e-4)
+    history = {"epoch": np.array([0, 10, 20, 30, 40]),
+               "test_acc": np.array([0.0, 0.1, 0.5, 0.95, 1.0])}
+    assert transition_window(history) == (10, 30)
+    with pytest.raises(ValueError, match="never exceeds"):
+        transition_window({**history, "test_acc": np.zeros(5)})

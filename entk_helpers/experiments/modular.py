@@ -16,25 +16,33 @@ the paper (after Gromov 2023 and Nanda et al. 2023):
 
 :func:`train` runs either (full batch or mini-batch AdamW), records accuracy and loss each
 epoch, keeps parameter snapshots every few epochs for eNTKs over training, and can
-checkpoint to disk and resume.
+checkpoint to disk and resume. Each model's recipe has one source, :class:`MLPRecipe` and
+:class:`TransformerRecipe` (defaults: the paper's; :func:`paper_mlp_recipe`,
+:func:`paper_transformer_recipe` vary only the scale): :func:`train_recipe` trains it,
+:func:`train_or_load` reuses a model saved with the very same recipe (every field and the
+file format, :func:`recipe_key`) and trains otherwise.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._model import intra_op_threads
 from ..files import save_torch
+from ..kernels import empirical_ntk
 from ..progress import progress_bar
 
 
@@ -295,7 +303,9 @@ class TrainingRun:
 
 
 # checkpoints written before train() had batch_order / extra_draws_every ordered as these say
-_SETTINGS_BEFORE_BATCH_ORDER = {"batch_order": "randperm", "extra_draws_every": None}
+# (and before they recorded a recipe)
+_SETTINGS_BEFORE_BATCH_ORDER = {"batch_order": "randperm", "extra_draws_every": None,
+                                "recipe": None}
 
 
 def _loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
@@ -327,6 +337,7 @@ def train(
     extra_draws_every: int | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
+    recipe: dict | None = None,
     cpu_threads: int | None = 1,
     progress: bool = True,
 ) -> TrainingRun:
@@ -355,6 +366,8 @@ def train(
             (default ``snapshot_every``) and at the end, and to resume from if it exists: an
             interrupted run continues, a finished one is read back without training. It
             refuses (ValueError) a file written with other settings or another split.
+        recipe: plain data naming everything else that shaped the run (e.g.
+            :func:`recipe_key`), recorded in checkpoints: one written for another is refused.
         cpu_threads: torch's intra-op threads during training on the CPU (restored after;
             None keeps the current setting). The toy models' ops are too small to gain from
             more threads, and one thread keeps its speed when another process competes for
@@ -395,7 +408,8 @@ def train(
                 "betas": tuple(betas), "logits_at": logits_at, "n_classes": n_classes,
                 "snapshot_every": snapshot_every, "eval_every": eval_every, "seed": seed,
                 "train_idx": train_idx.tolist(), "n_inputs": len(inputs),
-                "batch_order": batch_order, "extra_draws_every": extra_draws_every}
+                "batch_order": batch_order, "extra_draws_every": extra_draws_every,
+                "recipe": recipe}
     if path and path.exists():
         # on the CPU: the generator's state must stay a CPU ByteTensor; load_state_dict moves
         # the model's and the optimizer's tensors to the model's device. weights_only: a
@@ -472,18 +486,206 @@ def train(
                        seconds_before + (time.perf_counter() - began if start < epochs else 0.0))
 
 
-# The author's transformer recipe (released notebook modular_arithmetic_transformer_v4): the
-# settings besides the seed that shape the trained weights
-PAPER_TRANSFORMER = {"p": 29, "d_model": 64, "n_heads": 4, "d_mlp": 256,
-                     "train_fraction": 0.5, "split_seed": 0, "lr": 3e-4, "weight_decay": 1.0,
-                     "betas": (0.9, 0.999), "batch_size": 64, "loss": "cross_entropy",
-                     "batch_order": "dataloader", "extra_draws_every": 20, "epochs": 4000}
+@dataclass(frozen=True)
+class MLPRecipe:
+    """Every setting that shapes a trained :class:`ModularMLP` (defaults: the paper's, Sec. 1).
+
+    The split and the initial weights come from one generator seeded with ``seed`` on the
+    device ``draws_on`` (``randperm(p*p)`` first, then the weights: :func:`paper_mlp`;
+    ``"cuda"`` gives the author's draws), the batches from a fresh CPU generator seeded with
+    ``seed`` (``batch_order="randperm"``; full batch when ``batch_size`` is None).
+    ``init`` and ``optimizer`` name those rules; only the paper's exist.
+    """
+
+    p: int = 29
+    seed: int = 0
+    epochs: int = 500
+    width: int = 512
+    train_fraction: float = 0.7
+    draws_on: str = "cpu"
+    init: str = "paper_mlp"
+    optimizer: str = "AdamW"
+    lr: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    loss: str = "mse"
+    batch_size: int | None = None
+    batch_order: str = "randperm"
 
 
-def paper_transformer_recipe(seed: int = 2, epochs: int = 4000, p: int = 29) -> dict:
-    """Everything that shapes :func:`train_paper_transformer`'s weights: the recipe to give
-    :func:`save_trained` and :func:`load_trained`."""
-    return {**PAPER_TRANSFORMER, "p": p, "epochs": epochs, "seed": seed}
+@dataclass(frozen=True)
+class TransformerRecipe:
+    """Every setting that shapes a trained :class:`OneLayerTransformer` (defaults: the
+    author's released notebook ``modular_arithmetic_transformer_v4``, the paper's Sec. 2).
+
+    The initial weights and each epoch's DataLoader order come from one CPU generator seeded
+    with ``seed`` (``init="paper"``: :class:`OneLayerTransformer`'s draws), plus the three
+    seeds the author's logging drew every ``extra_draws_every`` epochs; the split is
+    :func:`paper_transformer_split` with ``split_seed``. Cross-entropy on the first ``p``
+    logits at the last position.
+    """
+
+    p: int = 29
+    seed: int = 2
+    epochs: int = 4000
+    d_model: int = 64
+    n_heads: int = 4
+    d_mlp: int = 256
+    n_ctx: int = 3
+    train_fraction: float = 0.5
+    split_seed: int = 0
+    init: str = "paper"
+    optimizer: str = "AdamW"
+    lr: float = 3e-4
+    weight_decay: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    loss: str = "cross_entropy"
+    batch_size: int = 64
+    batch_order: str = "dataloader"
+    extra_draws_every: int = 20
+
+
+Recipe = MLPRecipe | TransformerRecipe
+
+# The author's transformer recipe besides the seed, as a plain dict (kept for old callers)
+PAPER_TRANSFORMER = {k: v for k, v in asdict(TransformerRecipe()).items() if k != "seed"}
+
+
+def paper_mlp_recipe(seed: int = 0, epochs: int = 500, p: int = 29, *,
+                     draws_on: torch.device | str = "cpu") -> MLPRecipe:
+    """The paper's MLP recipe; only the scale (``seed``, ``epochs``, ``p``) and the device
+    whose generator draws the split and weights may vary."""
+    return MLPRecipe(p=p, seed=seed, epochs=epochs, draws_on=torch.device(draws_on).type)
+
+
+def paper_transformer_recipe(seed: int = 2, epochs: int = 4000, p: int = 29) -> TransformerRecipe:
+    """The author's transformer recipe; only the scale (``seed``, ``epochs``, ``p``) varies."""
+    return TransformerRecipe(p=p, seed=seed, epochs=epochs)
+
+
+def recipe_key(recipe: Recipe) -> dict:
+    """What :func:`save_trained` records and :func:`load_trained` compares: the recipe's kind,
+    every field, and the format version of saved models."""
+    _check_kind(recipe)
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()}
+    return {"format": _TRAINED_FORMAT, "kind": type(recipe).__name__, **fields}
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """A 12-hex-digit name for :func:`recipe_key` (e.g. in a checkpoint's file name)."""
+    text = json.dumps(recipe_key(recipe), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def recipe_split(recipe: Recipe) -> tuple[Tensor, Tensor]:
+    """The recipe's (train indices, test indices) over the ``p * p`` pairs, on the CPU."""
+    if isinstance(recipe, MLPRecipe):   # paper_mlp's first draw
+        generator = torch.Generator(device=recipe.draws_on).manual_seed(recipe.seed)
+        train_idx, test_idx = train_test_split(recipe.p ** 2, recipe.train_fraction,
+                                               recipe.seed, generator=generator)
+        return train_idx.cpu(), test_idx.cpu()
+    _check_kind(recipe)
+    return paper_transformer_split(recipe.p, recipe.train_fraction, recipe.split_seed)
+
+
+def untrained_model(recipe: Recipe, device: torch.device | str = "cpu") -> nn.Module:
+    """The recipe's model at its initial weights, on ``device``."""
+    return _initial(recipe, device)[0]
+
+
+def _initial(recipe: Recipe,
+             device: torch.device | str) -> tuple[nn.Module, torch.Generator | None]:
+    """The initial model and, for the transformer, the generator that drew it (it goes on
+    to order the batches)."""
+    _check_kind(recipe)
+    init = "paper_mlp" if isinstance(recipe, MLPRecipe) else "paper"
+    if recipe.init != init or recipe.optimizer != "AdamW":
+        raise ValueError(f"init={recipe.init!r}, optimizer={recipe.optimizer!r}: only "
+                         f"init={init!r} and optimizer='AdamW' are implemented")
+    if isinstance(recipe, MLPRecipe):
+        model, _, _ = paper_mlp(recipe.p, recipe.seed, width=recipe.width,
+                                train_fraction=recipe.train_fraction, device=recipe.draws_on)
+        return model.to(device), None
+    generator = torch.Generator().manual_seed(recipe.seed)
+    model = OneLayerTransformer(recipe.p, recipe.d_model, recipe.n_heads, recipe.d_mlp,
+                                recipe.n_ctx, generator=generator)
+    return model.to(device), generator
+
+
+def _check_kind(recipe: object) -> None:
+    if not isinstance(recipe, (MLPRecipe, TransformerRecipe)):
+        raise TypeError(f"recipe is a {type(recipe).__name__}; pass an MLPRecipe or a "
+                        "TransformerRecipe (paper_mlp_recipe / paper_transformer_recipe)")
+
+
+def train_recipe(
+    recipe: Recipe,
+    *,
+    snapshot_every: int | None = None,
+    eval_every: int = 1,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[nn.Module, TrainingRun]:
+    """Train the recipe's model from its initial weights (:func:`untrained_model`).
+
+    ``snapshot_every`` (default: the paper's eNTK spacing, 10 epochs for the MLP, 20 for the
+    transformer), ``eval_every``, ``checkpoint`` and ``checkpoint_every`` are :func:`train`'s
+    and leave the trajectory unchanged; a checkpoint records the recipe and is resumed only
+    for the same one.
+
+    Returns:
+        the trained model (eval mode, on ``device``) and its :class:`TrainingRun`.
+    """
+    model, generator = _initial(recipe, device)
+    pairs, labels = modular_addition_data(recipe.p)
+    train_idx, test_idx = recipe_split(recipe)
+    common = dict(epochs=recipe.epochs, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                  betas=recipe.betas, loss=recipe.loss, batch_size=recipe.batch_size,
+                  eval_every=eval_every, seed=recipe.seed, batch_order=recipe.batch_order,
+                  checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                  recipe=recipe_key(recipe), progress=progress)
+    if isinstance(recipe, MLPRecipe):
+        run = train(model, pairs, labels, train_idx, test_idx,
+                    snapshot_every=snapshot_every or 10, **common)
+    else:
+        run = train(model, with_equals_token(pairs, recipe.p), labels, train_idx, test_idx,
+                    logits_at=-1, n_classes=recipe.p, snapshot_every=snapshot_every or 20,
+                    generator=generator, extra_draws_every=recipe.extra_draws_every, **common)
+    return model.eval(), run
+
+
+def train_or_load(recipe: Recipe, path: str | Path, *, device: torch.device | str = "cpu",
+                  save: bool = True, progress: bool = True) -> tuple[nn.Module, TrainingRun | None]:
+    """The recipe's trained model: read from ``path`` when it was saved there with this very
+    recipe (:func:`load_trained`), else trained (:func:`train_recipe`, one snapshot and one
+    evaluation at the end) and, when ``save``, saved to ``path``.
+
+    Returns:
+        the model (eval mode, on ``device``) and the :class:`TrainingRun`, or None when read.
+    """
+    model = untrained_model(recipe, device)
+    if load_trained(path, model, recipe):
+        return model.eval(), None
+    model, run = train_recipe(recipe, snapshot_every=recipe.epochs, eval_every=recipe.epochs,
+                              device=device, progress=progress)
+    if save:
+        save_trained(path, model, recipe)
+    return model, run
+
+
+def test_accuracy(model: nn.Module, recipe: Recipe) -> float:
+    """Accuracy of ``model`` on the recipe's held-out pairs (argmax over the first ``p``
+    logits, at the last position for the transformer)."""
+    pairs, labels = modular_addition_data(recipe.p)
+    _, test_idx = recipe_split(recipe)
+    inputs = pairs if isinstance(recipe, MLPRecipe) else with_equals_token(pairs, recipe.p)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(inputs.to(device))
+    logits = (logits if isinstance(recipe, MLPRecipe) else logits[:, -1])[:, :recipe.p].cpu()
+    return float((logits[test_idx].argmax(-1) == labels[test_idx]).float().mean())
 
 
 def train_paper_transformer(
@@ -505,7 +707,7 @@ def train_paper_transformer(
     then each epoch's DataLoader order, plus the three seeds the author's logging drew after
     epochs 1, 21, 41, ... . The split is :func:`paper_transformer_split` (Python ``random``,
     seed 0, whatever ``seed`` is), the loss cross-entropy on the first ``p`` logits at the
-    last position, AdamW lr 3e-4, weight decay 1.0, batch 64, as in :data:`PAPER_TRANSFORMER`.
+    last position, AdamW lr 3e-4, weight decay 1.0, batch 64: :func:`paper_transformer_recipe`.
     On another device than the author's GPU the trajectory parts in floating point.
 
     Returns:
@@ -514,61 +716,111 @@ def train_paper_transformer(
         ``snapshot_every``). Epoch e here is after e epochs of training; the author logged
         epoch e after e + 1.
     """
-    recipe = PAPER_TRANSFORMER
-    generator = torch.Generator().manual_seed(seed)
-    model = OneLayerTransformer(p, recipe["d_model"], recipe["n_heads"], recipe["d_mlp"],
-                                generator=generator).to(device)
-    train_idx, test_idx = paper_transformer_split(p, recipe["train_fraction"],
-                                                  recipe["split_seed"])
-    pairs, labels = modular_addition_data(p)
-    run = train(model, with_equals_token(pairs, p), labels, train_idx, test_idx,
-                epochs=epochs, lr=recipe["lr"], weight_decay=recipe["weight_decay"],
-                betas=recipe["betas"], loss=recipe["loss"], batch_size=recipe["batch_size"],
-                logits_at=-1, n_classes=p, snapshot_every=snapshot_every,
-                eval_every=eval_every, seed=seed, generator=generator,
-                batch_order=recipe["batch_order"],
-                extra_draws_every=recipe["extra_draws_every"], checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every, progress=progress)
-    return model, run
+    return train_recipe(paper_transformer_recipe(seed, epochs, p),
+                        snapshot_every=snapshot_every, eval_every=eval_every,
+                        checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                        device=device, progress=progress)
 
 
-# files written by save_trained before the transformer's initialisation was the paper's carry
-# no format number; load_trained never reuses them
-_TRAINED_FORMAT = 2
+# 2: the recipe as keyword settings; 3: a recipe object's every field (recipe_key). Files of
+# an older format are never reused
+_TRAINED_FORMAT = 3
 
 
-def save_trained(path: str | Path, model: nn.Module, **recipe: object) -> Path:
-    """Save a trained model's parameters with its recipe, atomically.
+def save_trained(path: str | Path, model: nn.Module, recipe: Recipe) -> Path:
+    """Save a trained model's parameters with its recipe (:func:`recipe_key`), atomically.
 
-    ``recipe``: every setting that shaped the weights (``p``, ``seed``, ``epochs``, learning
-    rate, split, ...; plain numbers, strings, lists, tuples, dicts). Notebooks save their
-    final models under ``results/<name>/`` so later notebooks can reuse them through
-    :func:`load_trained`, which reuses a file only for the very same recipe.
+    Notebooks save their final models under ``results/<name>/`` so later notebooks can reuse
+    them through :func:`load_trained`, which reuses a file only for the very same recipe.
     """
     path = Path(path)
-    save_torch({"state_dict": model.state_dict(), "info": recipe, "format": _TRAINED_FORMAT},
-               path)
+    save_torch({"state_dict": model.state_dict(), "info": recipe_key(recipe),
+                "format": _TRAINED_FORMAT}, path)
     return path
 
 
-def load_trained(path: str | Path, model: nn.Module, **recipe: object) -> bool:
+def load_trained(path: str | Path, model: nn.Module, recipe: Recipe) -> bool:
     """Load parameters saved by :func:`save_trained` into ``model``; return whether it did.
 
-    It does only if the file exists, was written by this version of :func:`save_trained`
-    and its recorded recipe equals the one asked for exactly, so a model trained another way
-    (or by older code) is never reused. For a :class:`OneLayerTransformer` the settings not
-    given are the paper's (:data:`PAPER_TRANSFORMER`): ``load_trained(path, model, p=29,
-    seed=2, epochs=4000)`` asks for the author's run at seed 2 and nothing else. For other
-    models the recipe asked for is ``recipe`` itself. Only tensors and plain data are read
+    It does only if the file exists, was written in this format and its recorded recipe
+    equals :func:`recipe_key` of ``recipe`` in every field, so a model trained another way
+    (or by older code) is never reused. Only tensors and plain data are read
     (``weights_only``): a file that would run code when unpickled is refused with an error.
     """
     path = Path(path)
+    key = recipe_key(recipe)
     if not path.exists():
         return False
     saved = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
-    if isinstance(model, OneLayerTransformer):
-        recipe = {**PAPER_TRANSFORMER, **recipe}
-    if saved.get("format") != _TRAINED_FORMAT or saved.get("info") != recipe:
+    if saved.get("format") != _TRAINED_FORMAT or saved.get("info") != key:
         return False
     model.load_state_dict(saved["state_dict"])
     return True
+
+
+def trace_ntk_spectrum(model: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The trace eNTK over ``inputs`` and all its eigenpairs, float64 on the CPU.
+
+    Returns:
+        ``kernel`` (N, N), ``values`` (N,) descending, ``vectors`` (N, N) as columns.
+    """
+    kernel = empirical_ntk(model, inputs, output="trace").double().cpu()
+    values, vectors = torch.linalg.eigh(kernel)
+    return kernel, values.flip(0), vectors.flip(1)
+
+
+def top_spectrum(kernel: Tensor, k: int, *, float32_up_to: int = 4096) -> tuple[Tensor, Tensor]:
+    """The top ``k`` eigenpairs of a symmetric ``(N, N)`` kernel, descending, on the CPU.
+
+    Up to ``float32_up_to`` inputs a float32 ``eigh`` of the whole kernel (the fastest route;
+    the MLP's cliffs are separated by relative gaps far above float32 round-off); beyond it
+    LAPACK's evr driver computes only the top ``k``, in float64.
+
+    Returns:
+        ``values`` (k,) float64 and ``vectors`` (N, k) (float32 or float64).
+    """
+    n = kernel.shape[0]
+    if kernel.ndim != 2 or kernel.shape[1] != n or not 1 <= k <= n:
+        raise ValueError(f"kernel must be square (N, N) and 1 <= k <= N; got shape "
+                         f"{tuple(kernel.shape)} and k={k}")
+    if n <= float32_up_to:
+        values, vectors = torch.linalg.eigh(kernel.float())
+        return values.flip(0)[:k].double().cpu(), vectors.flip(1)[:, :k].cpu()
+    values, vectors = scipy.linalg.eigh(kernel.cpu().numpy(), subset_by_index=[n - k, n - 1],
+                                        driver="evr")
+    return torch.from_numpy(values[::-1].copy()), torch.from_numpy(vectors[:, ::-1].copy())
+
+
+def spectra_over_training(run: TrainingRun, model: ModularMLP, pairs: Tensor, n_keep: int,
+                          *, progress: bool = True) -> tuple[np.ndarray, Tensor, Tensor]:
+    """The top ``n_keep`` eigenpairs of the MLP's trace eNTK (:func:`mlp_trace_ntk`, float32)
+    at every snapshot of ``run``, loaded into a copy of ``model`` (same shapes).
+
+    Returns:
+        ``epochs`` (T,), ``values`` (T, n_keep) float64, ``vectors`` (T, N, n_keep) float32.
+    """
+    if not run.snapshots:
+        raise ValueError("run has no snapshots: train with snapshot_every (e.g. 10)")
+    epochs = sorted(run.snapshots)
+    net = copy.deepcopy(model).eval()
+    all_values, all_vectors = [], []
+    for epoch in progress_bar(epochs, desc="eNTK per checkpoint", disable=not progress):
+        net.load_state_dict(run.snapshots[epoch])
+        values, vectors = top_spectrum(mlp_trace_ntk(net, pairs, dtype=torch.float32), n_keep)
+        all_values.append(values)
+        all_vectors.append(vectors.float())
+    return np.array(epochs), torch.stack(all_values), torch.stack(all_vectors)
+
+
+def transition_window(history: dict[str, np.ndarray], low: float = 0.2,
+                      high: float = 0.9) -> tuple[int, int]:
+    """The grokking transition of a :class:`TrainingRun` history: (the last epoch with test
+    accuracy below ``low`` before it first exceeds ``high``, that first epoch)."""
+    above = np.flatnonzero(history["test_acc"] > high)
+    if not above.size:
+        raise ValueError(f"test accuracy never exceeds {high}: the run has not grokked")
+    below = np.flatnonzero(history["test_acc"][:above[0]] < low)
+    if not below.size:
+        raise ValueError(f"test accuracy is never below {low} before it exceeds {high}: "
+                         "no transition to find (evaluate from epoch 0)")
+    return int(history["epoch"][below[-1]]), int(history["epoch"][above[0]])
