@@ -41,6 +41,7 @@ unit: setup
 
 lint: setup
 	$(PY) -m ruff check entk_helpers tests benchmarks scripts notebooks/conftest.py
+	$(PY) -m ruff check notebooks --select F,E9   # undefined or unused names in the notebooks
 
 ## lab: JupyterLab on the notebooks
 lab: setup
