@@ -118,3 +118,27 @@ def test_pca_lowrank_is_exact_on_low_rank_data_and_seeded() -> None:
     assert not torch.allclose(a.abs(), pca_lowrank_directions(full, 5, q=5, seed=1).abs())
     with pytest.raises(ValueError, match="q="):
         pca_lowrank_directions(full, 6, q=5)
+
+
+def test_captured_fraction_known_answers_and_the_kept_last_value():
+    from entk_helpers.experiments.baselines import captured_fraction
+    n = 12
+    eye = torch.eye(n, dtype=torch.float64)
+    family = eye[:, :3] - eye[:, :3].mean(0)          # centred, 3-dim
+    basis = torch.linalg.qr(family)[0]                 # (n, 3): spans the family exactly
+    others = torch.linalg.qr(torch.cat([basis, torch.randn(n, 2, dtype=torch.float64)], 1))[0]
+    curve = captured_fraction(others, family, [1, 3, 5, 9])   # k = 9 > 5 directions
+    np.testing.assert_allclose(curve[1:], [1.0, 1.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(curve[0], 1 / 3, atol=1e-12)   # one of three basis vectors
+
+
+def test_k_to_reach_and_random_band():
+    from entk_helpers.experiments.baselines import k_to_reach, random_fraction_band
+    assert k_to_reach([0.2, 0.95, 1.0], [1, 5, 10]) == 5
+    assert k_to_reach([0.2, 0.5], [1, 5]) is None
+    with pytest.raises(ValueError, match="one value per k"):
+        k_to_reach([0.2], [1, 5])
+    family = torch.randn(20, 4, dtype=torch.float64)
+    band = random_fraction_band(20, 10, family, [5, 10, 20], n_draws=3)
+    assert band.shape == (3, 3) and np.all(np.diff(band, axis=1) >= -1e-12)
+    np.testing.assert_allclose(band[:, 2], band[:, 1])         # k = 20 beyond the 10 directions

@@ -168,3 +168,43 @@ def pca_lowrank_directions(
         torch.manual_seed(seed)
         _, _, v = torch.pca_lowrank(x, q=q, center=True, niter=niter)
     return (x - x.mean(dim=0, keepdim=True)) @ v[:, :k]
+
+
+def captured_fraction(vectors: Tensor | np.ndarray, family: Tensor | np.ndarray,
+                      ks: Sequence[int]) -> np.ndarray:
+    """Fraction of a feature family held by the first ``k`` directions, for each ``k``.
+
+    :func:`overlap_curve` divided by the family's dimension (after mean-centring).
+    ``vectors`` (N, K), ``family`` (N, f). A ``k`` beyond K (PCA of a low-rank site has fewer
+    directions than asked) counts as K: the method keeps its last value.
+
+    Returns:
+        ``(len(ks),)`` float64 in ``[0, 1]``.
+    """
+    n_directions = as_tensor(vectors).shape[-1]
+    dim = orthonormal_basis(family, center=True).shape[1]
+    return overlap_curve(vectors, family, [min(int(k), n_directions) for k in ks]) / dim
+
+
+def k_to_reach(curve: Sequence[float] | np.ndarray, ks: Sequence[int],
+               level: float = 0.9) -> int | None:
+    """The smallest ``k`` in ``ks`` whose ``curve`` value reaches ``level`` (None if none does)."""
+    values = np.asarray(curve, dtype=np.float64)
+    if values.shape != (len(ks),):
+        raise ValueError(f"curve has shape {values.shape}; it needs one value per k "
+                         f"({len(ks)} ks)")
+    hits = np.flatnonzero(values >= level)
+    return int(ks[hits[0]]) if hits.size else None
+
+
+def random_fraction_band(n: int, k_max: int, family: Tensor | np.ndarray, ks: Sequence[int],
+                         n_draws: int) -> np.ndarray:
+    """:func:`captured_fraction` of ``n_draws`` random orthonormal bases (seeds 0, 1, ...).
+
+    Returns:
+        ``(n_draws, len(ks))``: the chance band a method's curve is read against.
+    """
+    if n_draws < 1:
+        raise ValueError(f"n_draws={n_draws}; need at least one random draw")
+    return np.stack([captured_fraction(random_directions(n, k_max, seed=s), family, ks)
+                     for s in range(n_draws)])
