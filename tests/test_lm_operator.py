@@ -8,6 +8,9 @@ attention takes its softmax in float32 even in a float64 model: tolerances ~1e-6
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +141,26 @@ def test_memory_plan_keeps_what_the_budget_allows_and_the_products_do_not_change
         LayerNTKOperator(model, prefix, store_vjp=True)
     with pytest.raises(ValueError, match="store_vjp"):
         LayerNTKOperator(model, prefix, store_vjp=False, store_jvp=True)
+
+
+@pytest.mark.parametrize("layer", [0, LAYERS - 1])  # the tail route, the structured route
+def test_a_dropped_operator_frees_its_graphs_at_once(layer: int) -> None:
+    """No reference cycle: solving layer after layer must not keep every layer's graphs."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (N, T), generator=torch.Generator().manual_seed(2))
+    weight = layer_weight(model, layer, "mlp.down_proj")
+    prefix = capture_prefix(model, ids, [weight])[weight]
+    gc.collect()
+    gc.disable()  # only reference counting may free it
+    try:
+        op = LayerNTKOperator(model, prefix, output="logits", chunk_size=2)
+        op.matmat_torch(torch.randn(op.shape[0], 2, dtype=torch.float64))
+        assert op.route == ("tail" if layer == 0 else "structured")
+        ref = weakref.ref(op)
+        del op
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_bad_arguments_say_what_to_do() -> None:

@@ -241,9 +241,10 @@ class LayerNTKOperator(KernelOperator):
                 tail, o, x, ref, chunk_size, sharded)
         else:
             self.route = "tail"
-            self._pull, self._push = self._tail(model, prefix, tail, o, chunk_size, store_vjp,
-                                                store_jvp)
-            self._apply = lambda V: self._push(self._pull(V))
+            pull, push = self._tail(model, prefix, tail, o, chunk_size, store_vjp, store_jvp)
+            # no closure over self: a reference cycle would keep the stored graphs (GBs at the
+            # paper's N) alive after the operator is dropped, until Python's cycle collector ran
+            self._pull, self._push, self._apply = pull, push, lambda V: push(pull(V))
         self.shards = None
         if sharded:
             from ..distributed import ShardedProduct, parameter_fingerprint
