@@ -1,14 +1,21 @@
-"""How much of notebook 03's eNTK-PCA difference is the dataset draw (issue 14).
+"""Notebook 03's scores at N = 1024 per dataset draw and layer, on the CPU (issue 14).
+
+Two uses: how much of the eNTK-PCA difference is the dataset draw (several seeds, layers 16
+and 17, written to dataset_draws.json), and layers the recorded full-mode run did not reach
+(seed 0, the recorded run's dataset, written to layer_sweep_N1024.json; a layer at a time fits
+a CPU session, and solved layers are cached).
 
 For each draw seed: rebuild the N = 8 x n_per_class grammar dataset with that seed (the seed
 orders each class's candidate pool, so other windows of the same corpus are drawn), solve the
 layer eNTK of each layer (cached per layer under results/03_gemma_grammar_features/cache/), and
 score eNTK, exact PCA and the paper's randomized ``pca_lowrank(q=25, niter=2)`` (several seeds)
 with the paper's two macros. The split seed, Lanczos seed and every other setting stay those of
-notebook 03. Writes results/03_gemma_grammar_features/dataset_draws.json after every draw (a
-rerun resumes: built datasets and solved layers are read back from the cache).
+notebook 03. Writes the ``--out`` file in results/03_gemma_grammar_features/ after every draw
+(a rerun resumes: built datasets and solved layers are read back from the cache).
 
     HF_HUB_OFFLINE=1 python scripts/gemma_dataset_draws.py --seeds 1 2 0 3
+    HF_HUB_OFFLINE=1 python scripts/gemma_dataset_draws.py --seeds 0 --layers 15 14 \
+        --out layer_sweep_N1024.json
 """
 
 from __future__ import annotations
@@ -68,7 +75,9 @@ def main() -> None:
                               steps=STEPS, seed=LANCZOS_SEED)
         train = stratified_split(data.pos, seed=SPLIT_SEED)
         draw = {"dataset_seconds": built, "prefix_seconds": solved["prefix_seconds"],
-                "labels": list(data.labels), "layers": {}}
+                "labels": list(data.labels), "dataset": data.info,
+                "label_support": {k: int(v.sum()) for k, v in data.labels.items()},
+                "layers": {}}
         for L, arr in solved["layers"].items():
             rows = {"entk": score_labels(arr["entk"], data.labels, train),
                     "pca": score_labels(arr["pca"], data.labels, train)}

@@ -1,16 +1,17 @@
 """Notebook 03's recorded N = 1024 artefacts (committed JSON) say what the prose says of them.
 
 These test files, not a run: the recorded full-mode run of layers 16-17
-(``results/03_gemma_grammar_features/full_N1024_layers16-17``), the summary assembled from it
-and from the dataset draws (``results/03_gemma_grammar_features/full_N1024``,
-``scripts/gemma_03_full_summary.py``) and the draws themselves
-(``results/03_gemma_grammar_features/dataset_draws.json``). Macros are recomputed here from the
+(``results/03_gemma_grammar_features/full_N1024_layers16-17``), the summary assembled from it,
+the layer sweep and the dataset draws (``results/03_gemma_grammar_features/full_N1024``,
+``scripts/gemma_03_full_summary.py``), and the sweep and draws themselves
+(``layer_sweep_N1024.json``, ``dataset_draws.json``). Macros are recomputed here from the
 per-label rows by hand (plain means over the labels of each family).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -56,6 +57,8 @@ def test_full_summary_is_consistent_with_its_rows():
     rows = full["per_label"]
     layers = full["layers_run"]
     assert sorted(int(L) for L in full["layers_missing"]) == sorted(set(range(18)) - set(layers))
+    assert sorted({r["layer"] for r in rows}) == layers
+    assert sorted(int(L) for L in full["solver"]) == layers
     for L in layers:
         for method, name in (("entk", "entk"), ("pca", "pca_exact")):
             got = full["per_layer"][str(L)][name]
@@ -64,21 +67,39 @@ def test_full_summary_is_consistent_with_its_rows():
                      if r["layer"] == L and r["method"] == method and "=" in r["label"]]
             assert got["macro_morphology"]["test_ap"] == pytest.approx(np.mean(morph))
     table = full["table3_best_layer_per_label"]
+    assert table["layers_considered"] == layers
     for method, chosen in table["rows"].items():
+        assert len(chosen) == len({r["label"] for r in rows})
         for r in chosen:  # brute force: the highest train AP over the layers run
             cands = [x for x in rows if x["label"] == r["label"] and x["method"] == method]
             assert r["train_ap"] == max(x["train_ap"] for x in cands)
             assert r["layer"] in layers
+        pos = [r["test_auroc"] for r in chosen if "=" not in r["label"]]
+        assert table["macros"][method]["macro_pos"]["test_auroc"] == pytest.approx(np.mean(pos))
     spread = full["dataset_draws"]["entk_minus_pca_exact_macro_pos_auroc"]
-    for L in layers:
+    for L in full["dataset_draws"]["layers"]:
         d = spread[str(L)]
         assert d["values"][d["seeds"].index("0")] == pytest.approx(
             _pos_mean(rows, L, "entk") - _pos_mean(rows, L, "pca"))
         assert d["min"] <= d["max"] and d["range"] == pytest.approx(d["max"] - d["min"])
 
 
-def test_dataset_draws_macros_match_their_rows():
-    draws = _load("dataset_draws.json")
+def test_layer_sweep_is_on_the_recorded_dataset():
+    sweep = _load("layer_sweep_N1024.json")
+    old = _load("full_N1024_layers16-17", "summary.json")
+    draw = sweep["draws"]["0"]
+    for field in ("n_candidates", "checked", "accepted", "thresholds", "seed", "N", "T"):
+        assert draw["dataset"][field] == old["dataset"][field], field
+    assert draw["label_support"] == old["label_support"]
+    assert sweep["corpus"] == old["corpus"]
+    # the same GGUF (sha256 prefix in the conversion folder's name) and quantization
+    gguf = [re.search(r"q4km-([0-9a-f]{12})", m["model"]["source"]).group(1) for m in (sweep, old)]
+    assert gguf[0] == gguf[1] and sweep["model"]["quantized"] == old["model"]["quantized"]
+
+
+@pytest.mark.parametrize("file", ["dataset_draws.json", "layer_sweep_N1024.json"])
+def test_scripts_macros_match_their_rows(file):
+    draws = _load(file)
     assert draws["N"] == 1024
     for seed, draw in draws["draws"].items():
         for L, got in draw["layers"].items():
@@ -90,3 +111,4 @@ def test_dataset_draws_macros_match_their_rows():
             assert len(lowrank) == len(draws["pca_lowrank"]["seeds"]) >= 3
             boot = got["bootstrap_macro_pos_auroc"]["entk-pca"]
             assert boot["low"] <= boot["high"]
+            assert got["solver"]["max_residual"] < 1e-2  # Lanczos converged on the top 25
