@@ -3,13 +3,14 @@
 No model is loaded. It assembles ``results/03_gemma_grammar_features/full_N1024/summary.json``
 from:
 
-* ``results/03_gemma_grammar_features/full_N1024_layers16-17/summary.json``: the recorded
-  full-mode run of notebook 03 (layers 16 and 17, dataset seed 0); its per-label rows are
-  re-averaged with the paper's two macros (POS, morphology) instead of that run's mean over all
-  labels;
+* ``results/03_gemma_grammar_features/full_N1024_layers*/summary.json``: every recorded
+  full-mode run of notebook 03 (``ENTK_FULL=1``, one folder per run, named after its layers;
+  today layers 16 and 17, dataset seed 0). Their per-label rows are re-averaged with the
+  paper's two macros (POS, morphology); where runs share a layer, the run with more layers is
+  used;
 * ``results/03_gemma_grammar_features/layer_sweep_N1024.json`` (``scripts/gemma_dataset_draws.py
   --seeds 0 --out layer_sweep_N1024.json``): further layers on the recorded run's dataset (the
-  script refuses a sweep built on another dataset);
+  script refuses a sweep or run built on another dataset than the largest run's);
 * ``results/03_gemma_grammar_features/dataset_draws.json`` (``scripts/gemma_dataset_draws.py``):
   other dataset draws at N = 1024, their macros, the paper's randomized PCA and the POS-macro
   bootstrap. Its seed 0 is the recorded run's dataset, checked against the recorded macros.
@@ -33,8 +34,7 @@ from entk_helpers.files import save_json
 from entk_helpers.notebook import results_dir
 
 N_LAYERS = 18
-RECORDED, SWEEP, DRAWS = ("full_N1024_layers16-17/summary.json", "layer_sweep_N1024.json",
-                          "dataset_draws.json")
+RUNS, SWEEP, DRAWS = "full_N1024_layers*", "layer_sweep_N1024.json", "dataset_draws.json"
 PAPER = {  # paper.md, section 3
     16: {"entk": {"macro_pos": {"test_auroc": .827, "test_ap": .523, "enrichment_at_quota": 3.875},
                   "macro_morphology": {"test_auroc": .783, "test_ap": .475}},
@@ -70,7 +70,35 @@ def weights_id(model: dict) -> tuple[bool, str]:
     return model["quantized"], found.group(1) if found else model["source"]
 
 
-def sweep_layers(sweep_file: Path, recorded: dict) -> dict[int, dict]:
+def dataset_facts(dataset: dict, label_support: dict, model: dict, corpus: str) -> dict:
+    """What two runs must share for their rows to be mixed in one table."""
+    return {**{f: dataset.get(f) for f in DATASET_FIELDS}, "label_support": label_support,
+            "model": weights_id(model), "corpus": corpus}
+
+
+def check_same_dataset(facts: dict, reference: dict, what: str) -> None:
+    differ = [k for k in reference if facts.get(k) != reference[k]]
+    if differ:
+        raise SystemExit(f"{what} was not built on the recorded run's dataset (differs in "
+                         f"{differ}); rebuild it with the recorded run's settings")
+
+
+def run_layers(run: dict) -> list[int]:
+    """The layers of a notebook-03 summary (``layers`` in the oldest recorded run)."""
+    return sorted(int(L) for L in run.get("layers_run", run.get("layers", [])))
+
+
+def recorded_runs(base: Path) -> list[tuple[str, dict]]:
+    """Every full-mode run of notebook 03 under ``base``, the one with most layers first."""
+    runs = [(f"{p.parent.name}/summary.json", json.loads(p.read_text()))
+            for p in sorted(base.glob(f"{RUNS}/summary.json"))]
+    if not runs:
+        raise SystemExit(f"no full-mode run of notebook 03 in {base}/{RUNS}: run it with "
+                         "ENTK_FULL=1 (and ENTK_03_LAYERS for a subset of layers) first")
+    return sorted(runs, key=lambda run: -len(run_layers(run[1])))
+
+
+def sweep_layers(sweep_file: Path, reference: dict) -> dict[int, dict]:
     """The sweep's seed-0 layers, after checking they were solved on the recorded dataset."""
     if not sweep_file.exists():
         return {}
@@ -79,35 +107,38 @@ def sweep_layers(sweep_file: Path, recorded: dict) -> dict[int, dict]:
     if draw is None:
         raise SystemExit(f"{sweep_file} has no seed-0 draw: run scripts/gemma_dataset_draws.py "
                          "--seeds 0 --out layer_sweep_N1024.json")
-    ours, theirs = draw["dataset"], recorded["dataset"]
-    differ = [f for f in DATASET_FIELDS if ours.get(f) != theirs.get(f)]
-    differ += ["model"] if weights_id(sweep["model"]) != weights_id(recorded["model"]) else []
-    differ += ["corpus"] if sweep["corpus"] != recorded["corpus"] else []
-    if draw["label_support"] != recorded["label_support"]:
-        differ.append("label_support")
-    if differ:
-        raise SystemExit(f"{sweep_file} was not built on the recorded run's dataset (differs in "
-                         f"{differ}); rebuild it with the recorded run's settings")
+    check_same_dataset(dataset_facts(draw["dataset"], draw["label_support"], sweep["model"],
+                                     sweep["corpus"]), reference, str(sweep_file))
     return {int(L): got for L, got in draw["layers"].items()}
 
 
 def main() -> None:
     base = results_dir("03_gemma_grammar_features")
-    old = json.loads((base / RECORDED).read_text())
-    recorded_layers = sorted(int(L) for L in old["layers"])
-    per_label = list(old["per_label"])
+    runs = recorded_runs(base)
+    old = runs[0][1]
+    reference = dataset_facts(old["dataset"], old["label_support"], old["model"], old["corpus"])
+    per_label: list[dict] = []
     per_layer: dict[int, dict] = {}
-    solver = {int(L): {"seconds": s["seconds"], "route": s["route"], "source": RECORDED}
-              for L, s in old["solver"].items()}
-    for L in recorded_layers:
-        per_layer[L] = {}
-        for method, name in (("entk", "entk"), ("pca", "pca_exact")):
-            rows = [r for r in per_label if r["layer"] == L and r["method"] == method]
-            per_layer[L][name] = family_macros(_rows(rows))
-        per_layer[L]["pca_lowrank_paper"] = None  # filled from the draws' seed 0 below
+    solver: dict[int, dict] = {}
+    for name, run in runs:
+        check_same_dataset(dataset_facts(run["dataset"], run["label_support"], run["model"],
+                                         run["corpus"]), reference, name)
+        for L in run_layers(run):
+            if L in per_layer:  # a run with more layers already gave it
+                continue
+            rows = [r for r in run["per_label"] if r["layer"] == L]
+            per_label += rows
+            per_layer[L] = {out: family_macros(_rows([r for r in rows if r["method"] == method]))
+                            for method, out in (("entk", "entk"), ("pca", "pca_exact"))}
+            # the first recorded run kept no PCA input: filled from the draws' seed 0 below
+            per_layer[L]["pca_lowrank_paper"] = (
+                run.get("per_layer", {}).get(str(L), {}).get("pca_lowrank_paper"))
+            solver[L] = {"seconds": run["solver"][str(L)]["seconds"],
+                         "route": run["solver"][str(L)]["route"], "source": name}
+    recorded_layers = sorted(per_layer)
 
-    for L, got in sorted(sweep_layers(base / SWEEP, old).items()):
-        if L in recorded_layers:  # the recorded run is the source for its own layers
+    for L, got in sorted(sweep_layers(base / SWEEP, reference).items()):
+        if L in recorded_layers:  # a full-mode run is the source for its own layers
             continue
         for method in ("entk", "pca"):
             per_label += [{"layer": L, "method": method, **r} for r in got["per_label"][method]]
@@ -122,8 +153,7 @@ def main() -> None:
 
     draws_file = base / DRAWS
     draws = json.loads(draws_file.read_text())["draws"] if draws_file.exists() else {}
-    diff = {L: {"0": per_layer[L]["entk"]["macro_pos"]["test_auroc"]
-                - per_layer[L]["pca_exact"]["macro_pos"]["test_auroc"]} for L in recorded_layers}
+    diff: dict[int, dict[str, float]] = {}  # layer -> draw seed -> eNTK - exact PCA
     lowrank, boot = {}, {}
     for seed, draw in sorted(draws.items()):
         for L in recorded_layers:
@@ -137,6 +167,8 @@ def main() -> None:
                                      "recorded run; it was built on another dataset")
                 per_layer[L]["pca_lowrank_paper"] = got["pca_lowrank_paper"]
             else:
+                diff.setdefault(L, {"0": per_layer[L]["entk"]["macro_pos"]["test_auroc"]
+                                    - per_layer[L]["pca_exact"]["macro_pos"]["test_auroc"]})
                 diff[L][seed] = (got["entk"]["macro_pos"]["test_auroc"]
                                  - got["pca_exact"]["macro_pos"]["test_auroc"])
             lowrank.setdefault(L, {})[seed] = {
@@ -148,7 +180,7 @@ def main() -> None:
                   "min": min(d.values()), "max": max(d.values()),
                   "range": max(d.values()) - min(d.values()),
                   "sd": float(np.std(list(d.values()), ddof=1)) if len(d) > 1 else None}
-              for L, d in diff.items()}
+              for L, d in sorted(diff.items())}
     lowest = min(layers)
     missing_reason = (
         f"no GPU was lent, and on the shared 2-core CPU layer {lowest} "
@@ -156,7 +188,8 @@ def main() -> None:
         "layer below it has a longer tail, so costs more")
     summary = {
         "what": __doc__.split("\n\n")[0],
-        "source": {"recorded_run": f"results/03_gemma_grammar_features/{RECORDED}",
+        "source": {"recorded_runs": [f"results/03_gemma_grammar_features/{name}"
+                                     for name, _ in runs],
                    "layer_sweep": f"results/03_gemma_grammar_features/{SWEEP}",
                    "dataset_draws": f"results/03_gemma_grammar_features/{DRAWS}",
                    "assembled_by": "scripts/gemma_03_full_summary.py"},
@@ -172,15 +205,15 @@ def main() -> None:
             "rows": table3, "macros": table3_macros},
         "paper": PAPER,
         "dataset_draws": {
-            "layers": recorded_layers,
+            "layers": sorted(spread),
             "entk_minus_pca_exact_macro_pos_auroc": spread,
             "pca_exact_vs_lowrank_macro_pos_auroc": lowrank,
             "bootstrap_macro_pos_auroc": boot,
-            "seed_0": "the recorded run (full_N1024_layers16-17), macros from its per-label rows"},
-        "recorded_bootstrap_all_labels": {
-            "values": old["bootstrap_macro_auroc"],
-            "note": "mean over all 14 labels (POS and morphology together): not the paper's "
-                    "macro; kept as recorded"},
+            "seed_0": "the recorded runs' dataset, macros from their per-label rows"},
+        "bootstrap_as_recorded": {
+            "values": {name: run.get("bootstrap_macro_auroc") for name, run in runs},
+            "note": "as each run recorded it; full_N1024_layers16-17 took the mean over all 14 "
+                    "labels (POS and morphology together), not the paper's macros"},
         "per_label": per_label,
     }
     target = save_json(summary, base / "full_N1024" / "summary.json")
