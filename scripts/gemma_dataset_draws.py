@@ -93,6 +93,7 @@ def main() -> None:
                 "bootstrap_macro_pos_auroc": boot,
                 "per_label": {m: [r.__dict__ for r in rs] for m, rs in rows.items()},
                 "solver": {"seconds": arr["seconds"], "route": arr["route"],
+                           "memory_plan": arr["memory_plan"],
                            "max_residual": float(np.max(arr["residuals"])),
                            "read_back": arr["read_back"]},
             }
