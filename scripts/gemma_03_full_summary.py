@@ -183,9 +183,10 @@ def main() -> None:
               for L, d in sorted(diff.items())}
     lowest = min(layers)
     missing_reason = (
-        f"no GPU was lent, and on the shared 2-core CPU layer {lowest} "
-        f"alone took {solver[lowest]['seconds'] / 60:.0f} min (50 Lanczos products); every "
-        "layer below it has a longer tail, so costs more")
+        f"not run at N = 1024 yet: layer {lowest}, the lowest run, took "
+        f"{solver[lowest]['seconds'] / 60:.0f} min for 50 Lanczos products "
+        f"({solver[lowest]['source']}), and every layer below it has a longer tail, so costs "
+        "more; the rest want a GPU")
     summary = {
         "what": __doc__.split("\n\n")[0],
         "source": {"recorded_runs": [f"results/03_gemma_grammar_features/{name}"
