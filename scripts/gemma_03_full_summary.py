@@ -45,7 +45,7 @@ PAPER = {  # paper.md, section 3
          "pca": {"macro_pos": {"test_auroc": .775, "test_ap": .404},
                  "macro_morphology": {"test_auroc": .728}}},
 }
-# what must agree between the recorded runs and the sweep (their datasets) for their rows to be mixed
+# what the recorded runs and the sweep must share (their datasets) for their rows to be mixed
 DATASET_FIELDS = ("N", "T", "seed", "n_candidates", "checked", "accepted", "thresholds")
 
 
